@@ -21,6 +21,8 @@ export DLCODERS_DATA_URL
 # A cache of its own, so the tests never pick up full-size datasets from a user's ~/.dlcoders.
 export DLCODERS_HOME="${DLCODERS_TEST_HOME:-$PWD/.dlcoders_test}"
 export MPLBACKEND=Agg
+# nbdev_test runs two notebooks at once on two cores: one thread each avoids threads waiting on each other
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 echo "== data from $DLCODERS_DATA_URL, cache in $DLCODERS_HOME"
 
 snapshot() { find "$@" -type f \( -name '*.py' -o -name '*.ipynb' \) -not -path '*/__pycache__/*' -not -path '*/.ipynb_checkpoints/*' -print0 | sort -z | xargs -0 md5sum; }
