@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/20_basics.ipynb #7a7e27ef
+# %% ../nbs/20_basics.ipynb #4dd8ddda
 from pathlib import Path
 import numpy as np
 import torch
@@ -17,14 +17,16 @@ from fastcore.meta import delegates
 from .data.external import *
 from .torch_core import *
 from .data.load import *
+from .data.core import *
 from .optimizer import *
 from .callback.core import *
 from .learner import *
 from .callback.progress import *
 from .callback.schedule import *
 from .callback.training import *
+from .callback.hook import *
 from .losses import *
 from .metrics import *
 
-# %% ../nbs/20_basics.ipynb #d7ca6c7f
+# %% ../nbs/20_basics.ipynb #85865c3b
 __all__ = [name for name in dir() if not name.startswith('_')]

@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['MNIST_TINY_SHA256', 'embedded_mnist_tiny', 'load_digits', 'simple_cnn', 'quickstart_learner', 'quickstart', 'main']
 
-# %% ../nbs/01a_quickstart.ipynb #f701bf12
+# %% ../nbs/01a_quickstart.ipynb #d57d5fa8
 import argparse, sys
 from importlib.resources import files
 from pathlib import Path
 from .data.external import untar_data, get_image_files, file_sha256, dlcoders_home
 
-# %% ../nbs/01a_quickstart.ipynb #365cbe26
+# %% ../nbs/01a_quickstart.ipynb #6b8bd699
 MNIST_TINY_SHA256 = 'da45570ee31a9e5d2250df7ea18408752e987efd59dd153b03bfe97a5ac765cc'
 
 def embedded_mnist_tiny() -> Path:
@@ -21,7 +21,7 @@ def embedded_mnist_tiny() -> Path:
         raise RuntimeError(f"The packaged dataset {archive} is damaged (SHA-256 mismatch): reinstall dlcoders.")
     return untar_data(archive.as_uri())
 
-# %% ../nbs/01a_quickstart.ipynb #d553f1de
+# %% ../nbs/01a_quickstart.ipynb #5109ddd4
 import numpy as np
 import torch
 from torch import nn
@@ -30,8 +30,9 @@ from .torch_core import set_seed
 from .data.load import DataLoaders
 from .learner import Learner
 from .metrics import error_rate
+import dlcoders.callback.schedule  # adds fit_one_cycle to Learner
 
-# %% ../nbs/01a_quickstart.ipynb #f144a476
+# %% ../nbs/01a_quickstart.ipynb #94fa0d68
 def load_digits(folder:Path, classes=('3', '7')):
     "Images of `folder/<class>` as a float tensor (n, 1, 28, 28) in [0, 1], and their class indices."
     xs, ys = [], []
@@ -54,7 +55,7 @@ def quickstart_learner(path:Path, bs:int=64, seed:int=42) -> Learner:
     dls.vocab = ['3', '7']
     return Learner(dls, simple_cnn(), loss_func=nn.CrossEntropyLoss(), lr=1e-2, metrics=[error_rate])
 
-# %% ../nbs/01a_quickstart.ipynb #adf1bf07
+# %% ../nbs/01a_quickstart.ipynb #542e566a
 def quickstart(epochs:int=2, # epochs to train
                out:Path|None=None): # folder to save the model in (default: `DLCODERS_HOME/quickstart`)
     "Train a 3-vs-7 classifier on the packaged MNIST tiny set, show the results table and save the model."
@@ -66,7 +67,7 @@ def quickstart(epochs:int=2, # epochs to train
         print(f"  {split}: {len(files)} images {per_class}")
     learn = quickstart_learner(path)
     learn.path = Path(out) if out is not None else dlcoders_home()/'quickstart'
-    learn.fit(epochs)
+    learn.fit_one_cycle(epochs)
     file = learn.save('quickstart', with_opt=False)
     print(f"error rate {learn.recorder.values[-1][-1]:.4f}; model saved to {file}")
     return learn
