@@ -1,0 +1,264 @@
+"vision_learner beyond the chapter: first-conv adaptation, pretrained weights offline and without network, freezing."
+import pickle, sys, types, urllib.error, warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+import torchvision
+from torchvision.models import resnet18
+
+from dlcoders.data.external import DownloadError
+from dlcoders.data.load import DataLoaders
+from dlcoders.learner import load_learner
+from dlcoders.losses import CrossEntropyLossFlat
+from dlcoders.vision.learner import (Normalize, TensorNormalize, create_body, create_head, create_vision_model, default_split,
+                                     imagenet_stats, vision_learner, cnn_learner, weights_file, _tv_weights)
+
+RN18_FILE = 'resnet18-f37072fd.pth'
+
+
+def tiny_dls(n=32, size=32, c=2):
+    "Random RGB images in [0, 1] with random labels, as in-memory `DataLoaders` with `c` classes."
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(n, 3, size, size, generator=g), torch.randint(0, c, (n,), generator=g)
+    dls = DataLoaders.from_dsets((x[:n//2], y[:n//2]), (x[n//2:], y[n//2:]), bs=8, device='cpu')
+    dls.c = c
+    return dls
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    "An empty torch hub cache (`TORCH_HOME`) in tmp; returns its checkpoints folder."
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path/'torch'))
+    return tmp_path/'torch'/'hub'/'checkpoints'
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    "Any download through torch hub fails as it does on a machine without network."
+    calls = []
+    def fail(url, *args, **kwargs):
+        calls.append(url)
+        raise urllib.error.URLError('[Errno -3] Temporary failure in name resolution')
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', fail)
+    return calls
+
+
+# --- first conv adaptation -------------------------------------------------------------------------------
+
+def test_create_body_one_channel_sums_weights():
+    rn = resnet18(weights=None)
+    w = rn.conv1.weight.detach().clone()
+    body = create_body(rn, n_in=1, pretrained=True)
+    assert body[0].weight.shape == (64, 1, 7, 7) and body[0].in_channels == 1
+    torch.testing.assert_close(body[0].weight.detach(), w.sum(1, keepdim=True))
+    assert body(torch.rand(2, 1, 64, 64)).shape == (2, 512, 2, 2)
+
+
+def test_create_body_two_and_four_channels():
+    rn = resnet18(weights=None)
+    w = rn.conv1.weight.detach().clone()
+    body2 = create_body(rn, n_in=2)
+    torch.testing.assert_close(body2[0].weight.detach(), w[:, :2] * 1.5)
+    rn = resnet18(weights=None)
+    w = rn.conv1.weight.detach().clone()
+    body4 = create_body(rn, n_in=4)
+    assert body4[0].weight.shape == (64, 4, 7, 7)
+    # the channels repeat the pretrained ones (R, G, B, R), scaled by 3/4 to keep the activations' size
+    torch.testing.assert_close(body4[0].weight.detach(), torch.cat([w, w[:, :1]], 1) * 0.75)
+    assert body4(torch.rand(2, 4, 64, 64)).shape == (2, 512, 2, 2)
+
+
+def test_create_body_random_weights_reinitialized():
+    body = create_body(resnet18(weights=None), n_in=5, pretrained=False)
+    assert body[0].weight.shape == (64, 5, 7, 7) and body[0].weight.std() > 0
+
+
+def test_create_body_cut_options():
+    assert len(create_body(resnet18(weights=None), cut=-3)) == 7
+    body = create_body(resnet18(weights=None), cut=lambda m: nn.Sequential(m.conv1, m.bn1))
+    assert len(body) == 2
+    with pytest.raises(TypeError, match='cut'): create_body(resnet18(weights=None), cut='layer4')
+    with pytest.raises(ValueError, match='cut='): create_body(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+
+
+# --- pretrained weights: cache, offline, no network ----------------------------------------------------------
+
+def test_weights_file_in_torch_hub_cache(torch_home):
+    assert weights_file(_tv_weights(resnet18)) == torch_home/RN18_FILE
+
+
+def test_offline_warns_and_uses_random_weights(torch_home, monkeypatch, no_network):
+    monkeypatch.setenv('DLCODERS_OFFLINE', '1')
+    dls = tiny_dls()
+    with pytest.warns(UserWarning, match=RN18_FILE):
+        learn = vision_learner(dls, resnet18, loss_func=CrossEntropyLossFlat())
+    assert no_network == []  # offline: the network is not even tried
+    with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    assert len(learn.recorder.values) == 1
+
+
+def test_no_network_error_names_file_cache_and_fix(torch_home, monkeypatch, no_network):
+    monkeypatch.delenv('DLCODERS_OFFLINE', raising=False)
+    with pytest.raises(DownloadError) as exc:
+        vision_learner(tiny_dls(), resnet18, loss_func=CrossEntropyLossFlat())
+    msg = str(exc.value)
+    assert RN18_FILE in msg and str(torch_home) in msg and 'pretrained=False' in msg
+    assert no_network and no_network[0].endswith(RN18_FILE)
+    assert isinstance(exc.value.__cause__, urllib.error.URLError)
+
+
+def test_pretrained_false_never_downloads(torch_home, monkeypatch, no_network):
+    monkeypatch.delenv('DLCODERS_OFFLINE', raising=False)
+    learn = vision_learner(tiny_dls(), resnet18, pretrained=False, loss_func=CrossEntropyLossFlat())
+    assert no_network == []
+    assert all(p.requires_grad for p in learn.model.parameters())  # not frozen
+    assert learn.dls.train.after_batch is None  # no pretrained stats to normalize with
+
+
+@pytest.mark.parametrize('offline', ['1', None])
+def test_cached_weights_load_even_offline(torch_home, monkeypatch, no_network, offline):
+    if offline: monkeypatch.setenv('DLCODERS_OFFLINE', offline)
+    else: monkeypatch.delenv('DLCODERS_OFFLINE', raising=False)
+    ref = resnet18(weights=None)
+    torch_home.mkdir(parents=True)
+    torch.save(ref.state_dict(), torch_home/RN18_FILE)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        learn = vision_learner(tiny_dls(), 'resnet18', loss_func=CrossEntropyLossFlat())
+    assert no_network == []
+    torch.testing.assert_close(learn.model[0][0].weight, ref.conv1.weight)
+    torch.testing.assert_close(learn.model[0][7][1].bn2.running_var, ref.layer4[1].bn2.running_var)
+
+
+# --- n_out, normalization, freezing -----------------------------------------------------------------------
+
+def test_n_out_from_dls_c_or_clear_error():
+    learn = vision_learner(tiny_dls(c=3), resnet18, pretrained=False, loss_func=CrossEntropyLossFlat())
+    assert learn.model[1][-1].out_features == 3
+    dls = tiny_dls()
+    del dls.c
+    with pytest.raises(ValueError, match='n_out='):
+        vision_learner(dls, resnet18, pretrained=False, loss_func=CrossEntropyLossFlat())
+    learn = vision_learner(dls, resnet18, pretrained=False, n_out=4, loss_func=CrossEntropyLossFlat())
+    assert learn.model[1][-1].out_features == 4
+
+
+def test_normalize_added_once_and_composed(torch_home, monkeypatch):
+    monkeypatch.setenv('DLCODERS_OFFLINE', '1')
+    dls = tiny_dls()
+    seen = []
+    def spy(b):
+        seen.append(b[0].mean().item())
+        return b
+    dls.train.after_batch = spy
+    with pytest.warns(UserWarning):
+        vision_learner(dls, resnet18, loss_func=CrossEntropyLossFlat())
+        vision_learner(dls, resnet18, loss_func=CrossEntropyLossFlat())
+    assert isinstance(dls.valid.after_batch, TensorNormalize)  # plain tensors: the shape-based stand-in
+    assert [type(f).__name__ for f in dls.train.after_batch.fs] == ['function', 'TensorNormalize']
+    xb, yb = dls.train.one_batch()
+    assert 0.4 < seen[0] < 0.6  # the earlier transform saw raw pixels
+    mean, std = (torch.tensor(s)[:, None, None] for s in imagenet_stats)
+    raw = dls.train.dataset.tensors[0]
+    assert xb.mean().item() == pytest.approx(((raw - mean) / std).mean().item(), abs=0.1)
+    assert yb.dtype == torch.int64
+
+
+class _Pipeline:
+    "A stand-in for the data pipeline's `Pipeline`: a list of transforms `fs` and an `add` method."
+    def __init__(self, fs=()): self.fs = list(fs)
+    def add(self, f): self.fs.append(f)
+    def __call__(self, b):
+        for f in self.fs: b = f(b)
+        return b
+
+
+def test_normalize_added_to_a_pipeline(torch_home, monkeypatch):
+    monkeypatch.setenv('DLCODERS_OFFLINE', '1')
+    dls = tiny_dls()
+    for dl in dls: dl.after_batch = _Pipeline()
+    dls.valid.after_batch = _Pipeline([Normalize.from_stats([0.5] * 3, [0.5] * 3)])
+    with pytest.warns(UserWarning):
+        vision_learner(dls, resnet18, loss_func=CrossEntropyLossFlat())
+    assert [type(f).__name__ for f in dls.train.after_batch.fs] == ['Normalize']
+    assert len(dls.valid.after_batch.fs) == 1 and dls.valid.after_batch.fs[0].mean.flatten().tolist() == [0.5] * 3
+
+
+def test_freeze_trains_head_and_batchnorm_only(torch_home, monkeypatch):
+    monkeypatch.setenv('DLCODERS_OFFLINE', '1')
+    with pytest.warns(UserWarning):
+        learn = vision_learner(tiny_dls(), resnet18, loss_func=CrossEntropyLossFlat())
+    body, head = learn.model
+    is_bn = {id(p) for m in body.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    assert is_bn and all(p.requires_grad == (id(p) in is_bn) for p in body.parameters())
+    assert all(p.requires_grad for p in head.parameters())
+    conv_w = body[0].weight.detach().clone()
+    head_w = head[-1].weight.detach().clone()
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=1e-2)
+    assert torch.equal(body[0].weight, conv_w) and not torch.equal(head[-1].weight, head_w)
+    learn.unfreeze()
+    assert all(p.requires_grad for p in learn.model.parameters())
+
+
+def test_freeze_without_train_bn(torch_home, monkeypatch):
+    monkeypatch.setenv('DLCODERS_OFFLINE', '1')
+    with pytest.warns(UserWarning):
+        learn = vision_learner(tiny_dls(), resnet18, train_bn=False, loss_func=CrossEntropyLossFlat())
+    assert not any(p.requires_grad for p in learn.model[0].parameters())
+    assert len(default_split(learn.model)) == 2 and len(learn.opt.param_lists) == 2
+
+
+def test_export_and_load(tmp_path):
+    learn = cnn_learner(tiny_dls(), resnet18, pretrained=False, loss_func=CrossEntropyLossFlat(), path=tmp_path)
+    learn.dls.train.after_batch = TensorNormalize.from_stats(*imagenet_stats)
+    learn.export('vision.pkl')
+    learn2 = load_learner(tmp_path/'vision.pkl')
+    x = torch.rand(2, 3, 32, 32)
+    learn.model.eval()
+    learn2.model.eval()
+    with torch.no_grad(): torch.testing.assert_close(learn2.model(x), learn.model(x))
+    assert isinstance(learn2.dls.train.after_batch, TensorNormalize)
+
+
+# --- other architectures ------------------------------------------------------------------------------------
+
+def test_torchvision_names_and_other_families():
+    m = create_vision_model('mobilenet_v3_small', 2, pretrained=False)
+    assert m.eval()(torch.rand(2, 3, 64, 64)).shape == (2, 2)
+    with pytest.raises(ValueError, match='not a torchvision'):
+        create_vision_model('no_such_net', 2, pretrained=False)
+
+
+def test_any_callable_gets_pretrained_flag():
+    got = []
+    def net(pretrained=True):
+        got.append(pretrained)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    m = create_vision_model(net, 3, pretrained=False, lin_ftrs=[16])
+    assert got == [False] and m(torch.rand(2, 3, 16, 16)).shape == (2, 3)
+    m = create_vision_model(lambda: net(), 3, pretrained=True, custom_head=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)))
+    assert m(torch.rand(2, 3, 16, 16)).shape == (2, 3)
+
+
+def test_timm_names_when_timm_is_installed(monkeypatch, torch_home):
+    "A stand-in `timm` module: names it lists are built by `timm.create_model` without pooling nor classifier."
+    made = []
+    class Body(nn.Sequential):
+        num_features = 8
+        pretrained_cfg = {'mean': (0.5, 0.5, 0.5), 'std': (0.25, 0.25, 0.25)}
+    def create_model(name, pretrained, num_classes, global_pool, in_chans):
+        made.append((name, pretrained, num_classes, global_pool, in_chans))
+        return Body(nn.Conv2d(in_chans, 8, 3), nn.ReLU())
+    fake = types.SimpleNamespace(list_models=lambda pretrained=False: ['fakenet'], create_model=create_model)
+    monkeypatch.setattr('dlcoders.vision.learner._timm', lambda: fake)
+    monkeypatch.delenv('DLCODERS_OFFLINE', raising=False)
+    dls = tiny_dls()
+    learn = vision_learner(dls, 'fakenet', loss_func=CrossEntropyLossFlat())
+    assert made == [('fakenet', True, 0, '', 3)]
+    assert dls.train.after_batch.std.flatten().tolist() == [0.25] * 3
+    with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    monkeypatch.setenv('DLCODERS_OFFLINE', '1')
+    with pytest.warns(UserWarning, match='fakenet'): vision_learner(tiny_dls(), 'fakenet', loss_func=CrossEntropyLossFlat())
+    assert made[-1][1] is False
