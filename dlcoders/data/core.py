@@ -748,13 +748,25 @@ class TfmdDL(DataLoader):
             for p in (self.after_item, self.before_batch, self.after_batch): p.setup(self)
 
     def __iter__(self):
-        if self._loader is None: self._loader = self._make_loader()
         on_cpu = self.device.type == 'cpu'
-        for b, types in self._loader:
+        for b, types in self._collated():
             if not on_cpu: b = to_device(b, self.device, non_blocking=self.pin_memory)
             b = self.after_batch(_retype(b, types))
             self._types, self._types_known = _type_tree(b), True
             yield _strip(b)
+
+    def _collated(self):
+        "The collated batches with their types, from PyTorch's `DataLoader`, or read in order here when nothing needs it."
+        if self.num_workers == 0 and not self.shuffle and not self.pin_memory and not self.kwargs:
+            return self._in_order()  # e.g. `predict`'s one-item loader: setting up PyTorch's loader would cost more
+        if self._loader is None: self._loader = self._make_loader()
+        return self._loader
+
+    def _in_order(self):
+        n, bs = len(self.dataset), self.bs
+        stop = n - n % bs if self.drop_last else n
+        for i in range(0, stop, bs):
+            yield self.collate_fn(self.before_batch([self.after_item(self.dataset[j]) for j in range(i, min(i + bs, n))]))
 
     def _one_pass(self):
         "Process two items in this process to learn the batch's types and `n_inp` (no workers started)."
@@ -884,9 +896,25 @@ class TfmdDataLoaders(DataLoaders):
         "`(decoded target, dec[0], preds[0])` for `Learner.predict`, e.g. `('Bengal', tensor(1), probabilities)`."
         inp = tuple(inp) if _is_tuple(inp) or isinstance(inp, list) else (inp,)
         outs = tuple(dec) if _is_tuple(dec) else (dec,)
-        item = self.valid.decode_batch(tuple(o[:1] for o in inp + outs), max_n=1)[0]
-        targ = item[len(inp):]
+        targ = _decode_outputs(self.valid, tuple(o[:1] for o in outs), len(inp))
+        if targ is None: targ = self.valid.decode_batch(tuple(o[:1] for o in inp + outs), max_n=1)[0][len(inp):]
         return (targ[0] if len(targ) == 1 else targ), dec[0], preds[0]
+
+def _decodes_alone(f) -> bool:
+    "Whether `f` decodes each element of an item on its own (or decodes nothing), so that elements can be decoded apart."
+    return not f.whole_tuple or (len(f.decodes) == 0 and type(f).decode is Transform.decode)
+
+def _decode_outputs(dl:TfmdDL, outs:tuple, n_inp:int) -> tuple|None:
+    "The targets of a one-item batch decoded without its inputs (a prediction needs no decoded image); None if that can't be done."
+    tls = getattr(dl.dataset, 'tls', None)
+    fs = dl.after_item.fs + dl.before_batch.fs + dl.after_batch.fs
+    if tls is None or len(tls) != n_inp + len(outs) or not all(map(_decodes_alone, fs)): return None
+    if not dl._types_known: dl._one_pass()
+    tt = dl._types
+    types = _TupleType(tuple, tt.elems[n_inp:]) if isinstance(tt, _TupleType) else None
+    b = dl.before_batch.decode(_to_cpu_typed(dl.after_batch.decode(_retype(outs, types))))
+    item = dl.after_item.decode(_unbatch(b, 1)[0])
+    return tuple(tl.decode(x) for x, tl in zip(item, tls[n_inp:]))
 
 # %% ../../nbs/11_midlevel_data.ipynb #503e59e4
 _all_ = ['fastuple']
