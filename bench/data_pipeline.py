@@ -2,6 +2,10 @@
 `torch.utils.data.DataLoader` doing the same work (decode with `torchvision.io.decode_image`, resize to 224×224 with
 `transforms.v2.Resize`, stack into batches of 64), at the same number of workers.
 
+Also, on the pets images: `ImageDataLoaders.from_name_func(item_tfms=Resize(224))`, and the same with
+`batch_tfms=aug_transforms()`, against the hand-written loader followed by the float conversion (and, for the
+augmented one, by a per-batch `transforms.v2` flip + affine + colour jitter).
+
 Run from the repository root:  python bench/data_pipeline.py [--reps 5] [--workers 0 2]
 Target: the DataBlock pipeline reaches at least 0.95× the hand-written one's images per second. `ImageBlock` also
 turns the uint8 batch into floats in [0, 1] (a batch transform, in the main process), which the hand-written loader
@@ -57,11 +61,35 @@ def datablock_loader(files, label_func, nw):
     dls = db.dataloaders(None, bs=BS, num_workers=nw, persistent_workers=nw > 0, device='cpu')
     return dls.train.new(shuffle=True, drop_last=False)  # every item, like the hand-written loader
 
-def epoch_rate(dl, to_float:bool=False) -> float:
+def datablock_uint8_loader(files, label_func, nw):
+    "The DataBlock doing exactly the hand-written loader's work: decode, resize, batch (no float conversion)."
+    from dlcoders.vision.core import PILImage
+    db = DataBlock(blocks=(TransformBlock(type_tfms=PILImage.create_tensor), CategoryBlock), get_items=lambda _: files,
+                   get_y=label_func, splitter=FuncSplitter(lambda o: False), item_tfms=resize())
+    dls = db.dataloaders(None, bs=BS, num_workers=nw, persistent_workers=nw > 0, device='cpu')
+    return dls.train.new(shuffle=True, drop_last=False)
+
+def factory_loader(files, nw, augment=False):
+    "`ImageDataLoaders.from_name_func` with `Resize(224)` (and `aug_transforms()` on the batch when `augment`)."
+    from dlcoders.vision.data import ImageDataLoaders
+    from dlcoders.vision.augment import aug_transforms
+    dls = ImageDataLoaders.from_name_func(files[0].parent, files, label_func=_breed, valid_pct=0.01, seed=0,
+                                          item_tfms=Resize(SIZE, method='squish'),
+                                          batch_tfms=aug_transforms() if augment else None,
+                                          bs=BS, num_workers=nw, persistent_workers=nw > 0, device='cpu')
+    return dls.train.new(shuffle=True, drop_last=False)
+
+def _breed(name:str) -> str: return name.rsplit('_', 1)[0]
+
+HAND_AUG = v2.Compose([v2.RandomHorizontalFlip(), v2.RandomAffine(degrees=10, scale=(1.0, 1.1)),
+                       v2.ColorJitter(brightness=0.2, contrast=0.2)])
+
+def epoch_rate(dl, to_float:bool=False, augment:bool=False) -> float:
     "Images per second over one pass (`to_float`: convert each batch to floats in [0, 1], as a model needs)."
     start, n = time.perf_counter(), 0
     for xb, yb in dl:
         if to_float: xb = xb.float().div_(255)
+        if augment: xb = HAND_AUG(xb)
         n += len(xb)
     return n / (time.perf_counter() - start)
 
@@ -83,16 +111,25 @@ def main():
             hand = hand_loader(files, label_func, nw)
             # the hand-written loader, as specified (uint8 batches), and followed by the uint8 -> float conversion
             # that `ImageBlock`'s batch transform does (so that both deliver what a model needs)
-            runs = {'hand-written': (hand, False), 'hand-written + float': (hand, True),
-                    'DataBlock': (datablock_loader(files, label_func, nw), False)}
-            for dl, to_float in runs.values(): epoch_rate(dl, to_float)  # warm up (workers, caches)
+            runs = {'hand-written': (hand, False, False), 'hand-written + float': (hand, True, False),
+                    'DataBlock uint8': (datablock_uint8_loader(files, label_func, nw), False, False),
+                    'DataBlock': (datablock_loader(files, label_func, nw), False, False)}
+            if name.startswith('pets'):
+                runs['from_name_func'] = (factory_loader(files, nw), False, False)
+                runs['hand + float + v2 aug'] = (hand, True, True)
+                runs['from_name_func + aug_transforms'] = (factory_loader(files, nw, augment=True), False, False)
+            for dl, to_float, aug in runs.values(): epoch_rate(dl, to_float, aug)  # warm up (workers, caches)
             rates = {k: [] for k in runs}
             for _ in range(args.reps):  # interleaved, so that a change in the machine's load hits all of them
-                for k, (dl, to_float) in runs.items(): rates[k].append(epoch_rate(dl, to_float))
+                for k, (dl, to_float, aug) in runs.items(): rates[k].append(epoch_rate(dl, to_float, aug))
             med = {k: statistics.median(v) for k, v in rates.items()}
             print(f"{name}, num_workers={nw}:\n    " + ', '.join(f"{k} {v:.0f}" for k, v in med.items()) + " img/s\n"
-                  f"    ratio DataBlock / hand-written {med['DataBlock'] / med['hand-written']:.3f}, "
+                  f"    same work: DataBlock uint8 / hand-written {med['DataBlock uint8'] / med['hand-written']:.3f}, "
                   f"DataBlock / (hand-written + float) {med['DataBlock'] / med['hand-written + float']:.3f}")
+            if 'from_name_func' in med:
+                print(f"    from_name_func / (hand-written + float) {med['from_name_func'] / med['hand-written + float']:.3f}, "
+                      f"+ aug_transforms / (hand + float + v2 aug) "
+                      f"{med['from_name_func + aug_transforms'] / med['hand + float + v2 aug']:.3f}")
             del runs, hand
 
 if __name__ == '__main__': main()
