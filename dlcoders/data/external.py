@@ -215,13 +215,15 @@ def untar_data(url:str, # dataset address, usually one of `URLs`
     fname = archive_dir/_archive_name(url)
     dest = data_dir/_dataset_name(fname.name)
     if dest.exists() and not force_download: return dest
+    src = resolve_url(url)
+    if is_offline() and not _is_local(src) and (force_download or not fname.exists()):
+        raise _offline_error(src)  # before anything is created on disk
     archive_dir.mkdir(parents=True, exist_ok=True)
     data_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(data_dir/f'.{dest.name}.lock')):
+    # the lock lives beside the archives, so a failed call leaves nothing at all under `data`
+    with FileLock(str(archive_dir/f'.{dest.name}.lock')):
         if dest.exists() and not force_download: return dest  # another process finished it while we waited
         _sweep_leftovers(dest)
-        src = resolve_url(url)
-        if is_offline() and not _is_local(src): raise _offline_error(src)
         sha256 = expected_sha256(src)
         if force_download or not fname.exists(): download_url(src, fname, sha256=sha256)
         else:
