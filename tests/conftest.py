@@ -90,3 +90,13 @@ def serve():
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    "Tiny models run faster on one thread, above all on a busy 2-core machine (a test may ask for more itself)."
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -14,15 +14,6 @@ from dlcoders.learner import Learner
 from dlcoders.callback.core import Callback, CancelFitException
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny models run faster on one thread, above all on a busy machine."
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _cnn(bn=False):
     def block(ni, nf):
         layers = [nn.Conv2d(ni, nf, 3, stride=2, padding=1)] + ([nn.BatchNorm2d(nf)] if bn else []) + [nn.ReLU()]

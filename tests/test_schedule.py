@@ -14,15 +14,6 @@ from dlcoders.learner import Learner
 from dlcoders.optimizer import Optimizer, sgd_step
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny models run faster on one thread, above all on a busy machine."
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def make_learner(seed=0, n=512, **kwargs):
     "A small classifier (with batch norm, whose buffers must come back too) on synthetic data."
     torch.manual_seed(seed)

@@ -14,15 +14,6 @@ from dlcoders.optimizer import SGD
 from dlcoders.torch_core import set_seed
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny models run faster on one thread, above all on a busy machine."
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def make_data(n=512, n_valid=256, d=20, seed=0):
     "A linearly separable two-class problem."
     g = torch.Generator().manual_seed(seed)

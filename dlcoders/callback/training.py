@@ -16,9 +16,9 @@ from ..learner import Learner, TrainEvalCallback, GatherPredsCallback, _concat
 from ..torch_core import to_detach, apply
 
 # %% auto #0
-__all__ = ['TrackerCallback', 'SaveModelCallback', 'EarlyStoppingCallback', 'ReduceLROnPlateau', 'TerminateOnNaNCallback',
-           'GradientAccumulation', 'GradientClip', 'MixedPrecision', 'ModelResetter', 'set_bn_eval', 'BnFreeze',
-           'CollectDataCallback', 'FetchPredsCallback']
+__all__ = ['TrackerCallback', 'SaveModelCallback', 'PlateauCallback', 'EarlyStoppingCallback', 'ReduceLROnPlateau',
+           'TerminateOnNaNCallback', 'GradientAccumulation', 'GradientClip', 'MixedPrecision', 'ModelResetter',
+           'set_bn_eval', 'BnFreeze', 'CollectDataCallback', 'FetchPredsCallback']
 
 # %% ../../nbs/16b_training_callbacks.ipynb #836cc82b
 class TrackerCallback(Callback):
@@ -87,17 +87,8 @@ class SaveModelCallback(TrackerCallback):
         elif self.saved: self.learn.load(self.fname, with_opt=self.with_opt)
 
 # %% ../../nbs/16b_training_callbacks.ipynb #28e14688
-class EarlyStoppingCallback(TrackerCallback):
-    "Stop training when `monitor` has not improved for `patience` epochs."
-    order = TrackerCallback.order + 3 # after `SaveModelCallback` has saved this epoch's model
-    def __init__(self, monitor:str='valid_loss', # the column of `learn.recorder.values` to watch
-                 comp=None, # `np.less` or `np.greater`: is the first value better? (default: less for losses and errors)
-                 min_delta:float=0., # improvements smaller than this do not count
-                 patience:int=1, # epochs without improvement before stopping
-                 reset_on_fit:bool=True): # forget the best value at the start of each fit
-        super().__init__(monitor=monitor, comp=comp, min_delta=min_delta, reset_on_fit=reset_on_fit)
-        self.patience = patience
-
+class PlateauCallback(TrackerCallback):
+    "A tracker that calls `on_plateau` once `monitor` has not improved for `patience` epochs."
     def before_fit(self):
         self.wait = 0
         super().before_fit()
@@ -108,12 +99,28 @@ class EarlyStoppingCallback(TrackerCallback):
             self.wait = 0
             return
         self.wait += 1
-        if self.wait >= self.patience:
-            print(f'No improvement since epoch {self.epoch - self.wait}: early stopping')
-            raise CancelFitException()
+        if self.wait >= self.patience: self.on_plateau()
+
+    def on_plateau(self): raise NotImplementedError
+
+# %% ../../nbs/16b_training_callbacks.ipynb #624d55e8
+class EarlyStoppingCallback(PlateauCallback):
+    "Stop training when `monitor` has not improved for `patience` epochs."
+    order = TrackerCallback.order + 3 # after `SaveModelCallback` has saved this epoch's model
+    def __init__(self, monitor:str='valid_loss', # the column of `learn.recorder.values` to watch
+                 comp=None, # `np.less` or `np.greater`: is the first value better? (default: less for losses and errors)
+                 min_delta:float=0., # improvements smaller than this do not count
+                 patience:int=1, # epochs without improvement before stopping
+                 reset_on_fit:bool=True): # forget the best value at the start of each fit
+        super().__init__(monitor=monitor, comp=comp, min_delta=min_delta, reset_on_fit=reset_on_fit)
+        self.patience = patience
+
+    def on_plateau(self):
+        print(f'No improvement since epoch {self.epoch - self.wait}: early stopping')
+        raise CancelFitException()
 
 # %% ../../nbs/16b_training_callbacks.ipynb #8b1129ef
-class ReduceLROnPlateau(TrackerCallback):
+class ReduceLROnPlateau(PlateauCallback):
     "Divide the learning rate of every parameter group by `factor` when `monitor` has not improved for `patience` epochs."
     order = TrackerCallback.order + 2
     def __init__(self, monitor:str='valid_loss', # the column of `learn.recorder.values` to watch
@@ -126,22 +133,12 @@ class ReduceLROnPlateau(TrackerCallback):
         super().__init__(monitor=monitor, comp=comp, min_delta=min_delta, reset_on_fit=reset_on_fit)
         self.patience, self.factor, self.min_lr = patience, factor, min_lr
 
-    def before_fit(self):
-        self.wait = 0
-        super().before_fit()
-
-    def after_epoch(self):
-        super().after_epoch()
-        if self.new_best:
-            self.wait = 0
-            return
-        self.wait += 1
-        if self.wait >= self.patience:
-            self.wait = 0
-            old = [h['lr'] for h in self.opt.hypers]
-            new = [max(lr / self.factor, self.min_lr) for lr in old]
-            self.opt.set_hyper('lr', new)
-            if new != old: print(f'Epoch {self.epoch}: reducing lr to {new if len(new) > 1 else new[0]}')
+    def on_plateau(self):
+        self.wait = 0  # then wait another `patience` epochs
+        old = [h['lr'] for h in self.opt.hypers]
+        new = [max(lr / self.factor, self.min_lr) for lr in old]
+        self.opt.set_hyper('lr', new)
+        if new != old: print(f'Epoch {self.epoch}: reducing lr to {new if len(new) > 1 else new[0]}')
 
 # %% ../../nbs/16b_training_callbacks.ipynb #03faa2b2
 class TerminateOnNaNCallback(Callback):
