@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from fastcore.meta import delegates
 
 # %% auto #0
-__all__ = ['BaseLoss', 'CrossEntropyLossFlat', 'BCEWithLogitsLossFlat', 'BCELossFlat', 'MSELossFlat', 'L1LossFlat',
+__all__ = ['BaseLoss', 'ClassLoss', 'CrossEntropyLossFlat', 'BCEWithLogitsLossFlat', 'BCELossFlat', 'MSELossFlat', 'L1LossFlat',
            'LabelSmoothingCrossEntropy', 'LabelSmoothingCrossEntropyFlat', 'FocalLoss', 'FocalLossFlat']
 
 # %% ../nbs/05b_losses.ipynb #9b2d7fa2
@@ -92,17 +92,20 @@ class BaseLoss:
         return loss if moved is None else loss.movedim(-1, moved)
 
 # %% ../nbs/05b_losses.ipynb #ce77ce59
-class CrossEntropyLossFlat(BaseLoss):
-    "Cross-entropy for single-label classification, classes on `axis`, over flattened items."
+class ClassLoss(BaseLoss):
+    "A flattened loss on class scores along `axis`: softmax gives the probabilities, argmax the class."
     y_int = True
-    @delegates(nn.CrossEntropyLoss, keep=True)
-    def __init__(self, *args, axis:int=-1, **kwargs): super().__init__(nn.CrossEntropyLoss, *args, axis=axis, **kwargs)
     def activation(self, x:Tensor) -> Tensor:
         "Class probabilities."
         return F.softmax(x, dim=self.axis)
     def decodes(self, x:Tensor) -> Tensor:
         "The most likely class."
         return x.argmax(dim=self.axis)
+
+class CrossEntropyLossFlat(ClassLoss):
+    "Cross-entropy for single-label classification, classes on `axis`, over flattened items."
+    @delegates(nn.CrossEntropyLoss, keep=True)
+    def __init__(self, *args, axis:int=-1, **kwargs): super().__init__(nn.CrossEntropyLoss, *args, axis=axis, **kwargs)
 
 # %% ../nbs/05b_losses.ipynb #05395106
 class BCEWithLogitsLossFlat(BaseLoss):
@@ -160,18 +163,11 @@ class LabelSmoothingCrossEntropy(nn.Module):
         "The most likely class."
         return out.argmax(dim=-1)
 
-class LabelSmoothingCrossEntropyFlat(BaseLoss):
+class LabelSmoothingCrossEntropyFlat(ClassLoss):
     "`LabelSmoothingCrossEntropy` with classes on `axis`, over flattened items."
-    y_int = True
     @delegates(LabelSmoothingCrossEntropy, keep=True)
     def __init__(self, *args, axis:int=-1, **kwargs):
         super().__init__(LabelSmoothingCrossEntropy, *args, axis=axis, **kwargs)
-    def activation(self, out:Tensor) -> Tensor:
-        "Class probabilities."
-        return F.softmax(out, dim=self.axis)
-    def decodes(self, out:Tensor) -> Tensor:
-        "The most likely class."
-        return out.argmax(dim=self.axis)
 
 # %% ../nbs/05b_losses.ipynb #edf2584c
 class FocalLoss(nn.Module):
@@ -190,15 +186,8 @@ class FocalLoss(nn.Module):
         if self.reduction == 'mean': return loss.mean()
         return loss.sum() if self.reduction == 'sum' else loss
 
-class FocalLossFlat(BaseLoss):
+class FocalLossFlat(ClassLoss):
     "`FocalLoss` with classes on `axis`, over flattened items."
-    y_int = True
     @delegates(FocalLoss, keep=True)
     def __init__(self, *args, gamma:float=2., axis:int=-1, **kwargs):
         super().__init__(FocalLoss, *args, gamma=gamma, axis=axis, **kwargs)
-    def activation(self, x:Tensor) -> Tensor:
-        "Class probabilities."
-        return F.softmax(x, dim=self.axis)
-    def decodes(self, x:Tensor) -> Tensor:
-        "The most likely class."
-        return x.argmax(dim=self.axis)
