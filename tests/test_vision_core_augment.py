@@ -220,3 +220,8 @@ def test_segmentation_and_point_blocks(tmp_path):
     assert bxs.shape == (4, 4, 4) and lbls.shape == (4, 4)
     assert torch.allclose(bxs[0, 0], torch.tensor([-1., -1., 0., 0.]), atol=1e-5) and (bxs[0, 1:] == 0).all()
     assert (lbls[0, 1:] == 0).all() and (lbls[3] > 0).all()
+
+def test_missing_and_empty_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match='nowhere'): PILImage.create_tensor(tmp_path/'nowhere.jpg')
+    (tmp_path/'empty.jpg').write_bytes(b'')
+    with pytest.raises(ImageReadError, match=r'empty\.jpg'): PILImage.create_tensor(tmp_path/'empty.jpg')
