@@ -225,3 +225,20 @@ def test_missing_and_empty_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match='nowhere'): PILImage.create_tensor(tmp_path/'nowhere.jpg')
     (tmp_path/'empty.jpg').write_bytes(b'')
     with pytest.raises(ImageReadError, match=r'empty\.jpg'): PILImage.create_tensor(tmp_path/'empty.jpg')
+
+def test_kept_batches_are_never_overwritten():
+    "Batch transforms reuse freed CPU memory (`BatchBuffers`): batches kept by the caller must keep their values."
+    from dlcoders.data.core import TfmdDL
+    imgs = torch.randint(0, 256, (64, 3, 96, 96), dtype=torch.uint8)  # 16 per batch: 1.8 MB of floats, so pooled
+    ds = Datasets(list(range(64)), [[lambda i: tv_tensors.Image(imgs[i])], [lambda i: i % 2]])
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    dl = TfmdDL(ds, bs=16, after_batch=[IntToFloatTensor(), Normalize.from_stats(mean, std)], device='cpu', num_workers=0)
+    want = (imgs.float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    for _ in range(2):
+        kept = [xb for xb, _ in dl]  # every batch of the pass is still referenced
+        assert len({xb.data_ptr() for xb in kept}) == len(kept) == 4
+        assert torch.allclose(torch.cat(kept), want, atol=1e-6)
+        del kept
+    assert 0 < len(dl._buffers) <= dl._buffers.n
+    ptrs = [xb.data_ptr() for xb, _ in dl]  # each batch dropped at once: the pool's memory comes round again
+    assert len(set(ptrs)) < len(ptrs)

@@ -751,7 +751,7 @@ class TfmdDL(DataLoader):
         on_cpu = self.device.type == 'cpu'
         for b, types in self._collated():
             if not on_cpu: b = to_device(b, self.device, non_blocking=self.pin_memory)
-            b = self.after_batch(_retype(b, types))
+            with self._buffers.active(): b = self.after_batch(_retype(b, types))  # big CPU batches reuse memory
             self._types, self._types_known = _type_tree(b), True
             yield _strip(b)
 

@@ -4,6 +4,8 @@
 
 # %% ../../nbs/11a_data_load.ipynb #5c07c97e
 from __future__ import annotations
+import math, mmap, sys, threading
+from contextlib import contextmanager
 import torch
 from torch import Tensor
 from torch.utils.data import default_collate
@@ -12,7 +14,7 @@ from fastcore.meta import delegates
 from ..torch_core import default_device, to_device, apply, first
 
 # %% auto #0
-__all__ = ['TensorItems', 'DataLoader', 'DataLoaders']
+__all__ = ['TensorItems', 'BatchBuffers', 'empty_batch', 'DataLoader', 'DataLoaders']
 
 # %% ../../nbs/11a_data_load.ipynb #e9b3d934
 class TensorItems:
@@ -46,6 +48,56 @@ class _BatchIndices(tud.Sampler):
 
 def _collate_tensor_batch(b): return b  # already one batch: nothing to collate
 
+# %% ../../nbs/11a_data_load.ipynb #4019d2c6
+_MIN_POOLED = 1 << 20  # smaller tensors are cheap: malloc reuses its own freed memory for them
+
+def _anon_memory(nbytes:int) -> mmap.mmap:
+    "`nbytes` of private memory from the operating system (zero-filled, page-aligned)."
+    if hasattr(mmap, 'MAP_PRIVATE'): return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)  # anonymous with fd -1
+    return mmap.mmap(-1, nbytes)  # Windows
+
+class BatchBuffers:
+    "Reusable memory for big CPU tensors: a buffer is handed out again only once no tensor uses it."
+    def __init__(self, n:int=4): # the most buffers kept (more can be handed out; they are then not kept)
+        self.n, self._bufs, self._lock = n, [], threading.Lock()
+
+    def _free(self, i:int) -> bool: return sys.getrefcount(self._bufs[i]) == 2  # only our list and this call
+
+    def empty(self, shape, dtype:torch.dtype=torch.float32) -> Tensor:
+        "An uninitialised CPU tensor, in a free buffer when one is big enough."
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes < _MIN_POOLED: return torch.empty(shape, dtype=dtype)
+        with self._lock:
+            free = [i for i in range(len(self._bufs)) if self._free(i)]
+            fit = next((i for i in free if len(self._bufs[i]) >= nbytes), None)
+            if fit is not None: buf = self._bufs[fit]
+            else:
+                buf = _anon_memory(nbytes)
+                if len(self._bufs) < self.n: self._bufs.append(buf)
+                elif free: self._bufs[free[0]] = buf  # replaces a free buffer too small for these batches
+            return torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
+
+    @contextmanager
+    def active(self):
+        "Within this block, `empty_batch` (on this thread) takes its CPU memory from this pool."
+        prev, _active.pool = getattr(_active, 'pool', None), self
+        try: yield self
+        finally: _active.pool = prev
+
+    def __len__(self): return len(self._bufs)
+    def __reduce__(self): return (BatchBuffers, (self.n,))  # a copy starts empty
+    def __repr__(self): return f"BatchBuffers({len(self._bufs)}/{self.n} kept)"
+
+_active = threading.local()
+
+def empty_batch(shape, # the tensor's shape
+                dtype:torch.dtype=torch.float32,
+                device:torch.device|str='cpu') -> Tensor:
+    "`torch.empty`; on the CPU inside a `BatchBuffers.active()` block (a loader's `after_batch`), memory it reuses."
+    pool = getattr(_active, 'pool', None)
+    if pool is None or torch.device(device).type != 'cpu': return torch.empty(shape, dtype=dtype, device=device)
+    return pool.empty(shape, dtype)
+
 # %% ../../nbs/11a_data_load.ipynb #319f2ac9
 def _default_workers() -> int:
     "Worker processes for file-backed data: up to 4, never more than the machine's cores."
@@ -76,7 +128,7 @@ class DataLoader:
         self.collate_fn = collate_fn or default_collate
         self.persistent_workers = self.num_workers > 0 if persistent_workers is None else persistent_workers
         self.kwargs = kwargs
-        self._loader = None
+        self._loader, self._buffers = None, BatchBuffers()  # memory for big batches on the CPU (see above)
 
     @property
     def n(self) -> int:
@@ -114,7 +166,9 @@ class DataLoader:
         on_cpu = self.device.type == 'cpu'
         for b in batches:
             if not on_cpu: b = to_device(b, self.device, non_blocking=self.pin_memory)
-            yield b if self.after_batch is None else self.after_batch(b)
+            if self.after_batch is not None:
+                with self._buffers.active(): b = self.after_batch(b)
+            yield b
 
     def one_batch(self):
         "The first batch, for exploring."

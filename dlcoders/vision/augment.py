@@ -14,6 +14,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms import InterpolationMode
 from ..data.core import Transform, ItemTransform
+from ..data.load import empty_batch
 from .core import PILMask, IntToFloatTensor, imagenet_stats, typed_like
 
 # %% auto #0
@@ -515,7 +516,9 @@ class Normalize(Transform):
     def encodes(self, x:tv_tensors.Image):
         if self.mean is None: raise ValueError("Normalize has no stats: pass mean and std, or set it up on a DataLoader")
         mean, std = self._stats(x)
-        return (x - mean) / std
+        if x.requires_grad or not x.is_floating_point(): return (x - mean) / std
+        out = empty_batch(x.shape, x.dtype, x.device)  # reused memory inside a loader (see `BatchBuffers`)
+        return torch.sub(x.as_subclass(Tensor), mean, out=out).div_(std)
 
     def decodes(self, x:tv_tensors.Image):
         mean, std = self._stats(x)

@@ -19,6 +19,7 @@ from ..data.external import get_image_files
 from ..data.core import (Transform, ItemTransform, MultiCategorize, CategoryMap, show_funcs, show_image,
                                 show_title, get_grid)
 from ..data.block import TransformBlock
+from ..data.load import empty_batch
 from ..losses import CrossEntropyLossFlat
 
 # %% auto #0
@@ -285,8 +286,12 @@ class IntToFloatTensor(Transform):
     def __init__(self, div:float=255., # divide image values by this
                  div_mask:int=1): # divide mask values by this (e.g. 255 for masks saved as 0/255)
         self.div, self.div_mask = div, div_mask
-    def encodes(self, o:tv_tensors.Image): return o if o.is_floating_point() else o.float().div_(self.div)
-    def encodes(self, o:tv_tensors.Mask): return o.long() // self.div_mask
+    def encodes(self, o:tv_tensors.Image):
+        if o.is_floating_point(): return o
+        return empty_batch(o.shape, torch.float32, o.device).copy_(o).div_(self.div)
+    def encodes(self, o:tv_tensors.Mask):
+        res = empty_batch(o.shape, torch.long, o.device).copy_(o)
+        return res if self.div_mask == 1 else res.floor_divide_(self.div_mask)
     def decodes(self, o:tv_tensors.Image):
         return o.clamp(0, 1).mul(self.div).round_().to(torch.uint8) if o.is_floating_point() else o
 
