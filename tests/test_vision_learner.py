@@ -242,23 +242,39 @@ def test_any_callable_gets_pretrained_flag():
     assert m(torch.rand(2, 3, 16, 16)).shape == (2, 3)
 
 
-def test_timm_names_when_timm_is_installed(monkeypatch, torch_home):
-    "A stand-in `timm` module: names it lists are built by `timm.create_model` without pooling nor classifier."
-    made = []
-    class Body(nn.Sequential):
-        num_features = 8
-        pretrained_cfg = {'mean': (0.5, 0.5, 0.5), 'std': (0.25, 0.25, 0.25)}
-    def create_model(name, pretrained, num_classes, global_pool, in_chans):
-        made.append((name, pretrained, num_classes, global_pool, in_chans))
-        return Body(nn.Conv2d(in_chans, 8, 3), nn.ReLU())
-    fake = types.SimpleNamespace(list_models=lambda pretrained=False: ['fakenet'], create_model=create_model)
-    monkeypatch.setattr('dlcoders.vision.learner._timm', lambda: fake)
-    monkeypatch.delenv('DLCODERS_OFFLINE', raising=False)
+def test_timm_models_by_name(monkeypatch, tmp_path):
+    "A name only timm knows builds its `forward_features` body (MobileNetV3 pools *before* its last conv), trains, freezes."
+    timm = pytest.importorskip('timm')
+    from dlcoders.vision.learner import TimmBody
+    monkeypatch.setenv('HF_HOME', str(tmp_path/'hf'))
     dls = tiny_dls()
-    learn = vision_learner(dls, 'fakenet', loss_func=CrossEntropyLossFlat())
-    assert made == [('fakenet', True, 0, '', 3)]
-    assert dls.train.after_batch.std.flatten().tolist() == [0.25] * 3
+    learn = vision_learner(dls, 'mobilenetv3_small_050', pretrained=False, loss_func=CrossEntropyLossFlat())
+    body = learn.model[0]
+    assert type(body) is TimmBody and isinstance(body.model, timm.models.MobileNetV3)
+    assert body(torch.rand(2, 3, 32, 32)).shape[1] == body.model.num_features == 288
+    learn.freeze()  # the head trains, and the body's batchnorm layers (train_bn), nothing else of the body
+    bn = (nn.BatchNorm2d, timm.layers.BatchNormAct2d)
+    frozen = [p.requires_grad for m in body.modules() if not isinstance(m, bn) for p in m.parameters(recurse=False)]
+    assert frozen and not any(frozen) and all(p.requires_grad for p in learn.model[1].parameters())
     with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    grey = create_vision_model('resnet10t', 4, pretrained=False, n_in=1)
+    assert grey.eval()(torch.rand(2, 1, 32, 32)).shape == (2, 4)
+
+
+def test_timm_weights_offline(monkeypatch, tmp_path):
+    "No network: DLCODERS_OFFLINE warns and starts from random weights; without it, an error naming source, cache and fix."
+    timm = pytest.importorskip('timm')
+    import huggingface_hub.constants as hfc
+    monkeypatch.setattr(hfc, 'HF_HUB_OFFLINE', True)  # fail at once, as a machine without network does after retries
+    monkeypatch.setattr(hfc, 'HF_HUB_CACHE', str(tmp_path/'hf'/'hub'))
     monkeypatch.setenv('DLCODERS_OFFLINE', '1')
-    with pytest.warns(UserWarning, match='fakenet'): vision_learner(tiny_dls(), 'fakenet', loss_func=CrossEntropyLossFlat())
-    assert made[-1][1] is False
+    dls = tiny_dls()
+    with pytest.warns(UserWarning, match='mobilenetv3_small_050'):
+        vision_learner(dls, 'mobilenetv3_small_050', loss_func=CrossEntropyLossFlat())
+    cfg = timm.models.get_pretrained_cfg('mobilenetv3_small_050')
+    assert dls.train.after_batch.std.flatten().tolist() == pytest.approx(list(cfg.std))  # the weights' own stats
+    monkeypatch.delenv('DLCODERS_OFFLINE')
+    with pytest.raises(DownloadError) as exc:
+        vision_learner(tiny_dls(), 'mobilenetv3_small_050', loss_func=CrossEntropyLossFlat())
+    msg = str(exc.value)
+    assert 'timm/mobilenetv3_small_050' in msg and str(tmp_path/'hf'/'hub') in msg and 'pretrained=False' in msg

@@ -21,7 +21,7 @@ from .augment import Normalize
 
 # %% auto #0
 __all__ = ['model_meta', 'cnn_learner', 'has_pool_type', 'adapt_conv_weights', 'create_body', 'create_head', 'weights_file',
-           'efficientnet_lite0', 'apply_init', 'create_vision_model', 'default_split', 'TensorNormalize',
+           'efficientnet_lite0', 'TimmBody', 'apply_init', 'create_vision_model', 'default_split', 'TensorNormalize',
            'vision_learner']
 
 # %% ../../nbs/15_arch_details.ipynb #379ec25c
@@ -220,17 +220,37 @@ def _call_arch(arch, pretrained:bool) -> nn.Module:
     except (TypeError, ValueError): takes_pretrained = False
     return arch(pretrained=pretrained) if takes_pretrained else arch()
 
+class TimmBody(nn.Module):
+    "A timm model used as a body: its `forward_features`, the feature map before any pooling or classifier."
+    def __init__(self, model:nn.Module):
+        super().__init__()
+        self.model = model
+    @property
+    def pretrained_cfg(self): return getattr(self.model, 'pretrained_cfg', None)  # where its normalization stats are
+    def forward(self, x): return self.model.forward_features(x)
+
+def _timm_weights_source(name:str) -> tuple:
+    "Where timm fetches the weights of `name` from, and the cache folder they go to."
+    cfg = _timm().models.get_pretrained_cfg(name)
+    hub_id = getattr(cfg, 'hf_hub_id', None)
+    if hub_id:
+        try: from huggingface_hub.constants import HF_HUB_CACHE
+        except ImportError: HF_HUB_CACHE = '~/.cache/huggingface/hub'
+        return f"Hugging Face Hub {hub_id}", HF_HUB_CACHE
+    return getattr(cfg, 'url', None) or name, Path(torch.hub.get_dir())/'checkpoints'
+
 def _timm_body(name:str, pretrained:bool, n_in:int) -> tuple:
-    "A timm model without pooling nor classifier, and its number of features."
+    "A timm model's body (see `TimmBody`) and its number of features."
     if pretrained and is_offline():
         warnings.warn(f"DLCODERS_OFFLINE is set: the timm model {name} starts from random weights")
         pretrained = False
-    try: model = _timm().create_model(name, pretrained=pretrained, num_classes=0, global_pool='', in_chans=n_in)
+    try: model = _timm().create_model(name, pretrained=pretrained, num_classes=0, in_chans=n_in)
     except OSError as e:
-        raise DownloadError(f"Could not download the pretrained weights of the timm model {name}: {e}\n"
-                            "Pass pretrained=False to start from random weights, or set DLCODERS_OFFLINE=1 to fall "
-                            "back to random weights with a warning.") from e
-    return model, model.num_features
+        src, cache = _timm_weights_source(name)
+        raise DownloadError(f"Could not fetch the pretrained weights of the timm model {name} from {src} into the "
+                            f"cache folder {cache}: {e}\nPass pretrained=False to start from random weights, or set "
+                            "DLCODERS_OFFLINE=1 to fall back to random weights with a warning.") from e
+    return TimmBody(model), model.num_features
 
 def apply_init(m:nn.Module, init=nn.init.kaiming_normal_):
     "Initialize the weights of every linear and convolutional layer in `m` with `init`, and zero their biases."
