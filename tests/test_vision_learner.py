@@ -207,7 +207,7 @@ def test_freeze_without_train_bn(torch_home, monkeypatch):
     with pytest.warns(UserWarning):
         learn = vision_learner(tiny_dls(), resnet18, train_bn=False, loss_func=CrossEntropyLossFlat())
     assert not any(p.requires_grad for p in learn.model[0].parameters())
-    assert len(default_split(learn.model)) == 2 and len(learn.opt.param_lists) == 2
+    assert len(default_split(learn.model)) == 2 and len(learn.opt.param_lists) == 3  # resnets: see `resnet_split`
 
 
 def test_export_and_load(tmp_path):
@@ -278,3 +278,20 @@ def test_timm_weights_offline(monkeypatch, tmp_path):
         vision_learner(tiny_dls(), 'mobilenetv3_small_050', loss_func=CrossEntropyLossFlat())
     msg = str(exc.value)
     assert 'timm/mobilenetv3_small_050' in msg and str(tmp_path/'hf'/'hub') in msg and 'pretrained=False' in msg
+
+
+def test_resnets_get_three_parameter_groups(torch_home):
+    "ResNets split as fastai does (stem + stages 1-2 / stages 3-4 / head): a slice spreads over three groups."
+    learn = vision_learner(tiny_dls(), resnet18, pretrained=False, loss_func=CrossEntropyLossFlat())
+    learn.create_opt()
+    assert len(learn.opt.hypers) == 3
+    learn.opt.set_hyper('lr', slice(1e-5, 1e-3))
+    assert [h['lr'] for h in learn.opt.hypers] == pytest.approx([1e-5, 1e-4, 1e-3])
+    learn.freeze()
+    body = learn.model[0]
+    assert not any(p.requires_grad for p in body[6].parameters() if p.ndim > 1)  # a frozen stage (bn excepted)
+    learn.unfreeze()
+    assert all(p.requires_grad for p in learn.model.parameters())
+    custom = vision_learner(tiny_dls(), resnet18, pretrained=False, cut=-3, loss_func=CrossEntropyLossFlat())
+    custom.create_opt()
+    assert len(custom.opt.hypers) == 2  # a custom cut falls back to body / head

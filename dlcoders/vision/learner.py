@@ -21,8 +21,8 @@ from .augment import Normalize
 
 # %% auto #0
 __all__ = ['model_meta', 'cnn_learner', 'has_pool_type', 'adapt_conv_weights', 'create_body', 'create_head', 'weights_file',
-           'efficientnet_lite0', 'TimmBody', 'apply_init', 'create_vision_model', 'default_split', 'TensorNormalize',
-           'vision_learner']
+           'efficientnet_lite0', 'TimmBody', 'apply_init', 'create_vision_model', 'default_split', 'resnet_split',
+           'TensorNormalize', 'vision_learner']
 
 # %% ../../nbs/15_arch_details.ipynb #379ec25c
 def _is_pool_type(m:nn.Module) -> bool: return re.search(r'Pool[123]d$', type(m).__name__) is not None
@@ -147,9 +147,9 @@ def _torchvision_model(arch, pretrained:bool) -> nn.Module:
 def _densenet_body(m:nn.Module) -> nn.Module: return nn.Sequential(m.features, nn.ReLU(inplace=True))
 
 _tvm = torchvision.models
-model_meta = {**{getattr(_tvm, n): {'cut': -2, 'stats': imagenet_stats}
-                 for n in ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnext50_32x4d',
-                           'resnext101_32x8d', 'resnext101_64x4d', 'wide_resnet50_2', 'wide_resnet101_2')},
+_resnets = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnext50_32x4d', 'resnext101_32x8d',
+            'resnext101_64x4d', 'wide_resnet50_2', 'wide_resnet101_2')
+model_meta = {**{getattr(_tvm, n): {'cut': -2, 'stats': imagenet_stats} for n in _resnets},
               **{getattr(_tvm, n): {'cut': _densenet_body, 'stats': imagenet_stats}
                  for n in ('densenet121', 'densenet161', 'densenet169', 'densenet201')}}
 
@@ -277,9 +277,17 @@ def create_vision_model(arch, # torchvision constructor or name, timm name, or f
     return nn.Sequential(body, head)
 
 # %% ../../nbs/15_arch_details.ipynb #083134cc
+def _head_params(m:nn.Module) -> list: return [p for child in list(m.children())[1:] for p in child.parameters()]
+
 def default_split(m:nn.Module) -> list:
     "Two parameter groups: the body's (`m[0]`) and the head's (`m[1:]`)."
-    return [params(m[0]), [p for child in list(m.children())[1:] for p in child.parameters()]]
+    return [params(m[0]), _head_params(m)]
+
+def resnet_split(m:nn.Module) -> list:
+    "Three parameter groups for a torchvision ResNet: stem and stages 1-2, stages 3-4, head."
+    return [params(m[0][:6]), params(m[0][6:]), _head_params(m)]
+
+for _n in _resnets: model_meta[getattr(_tvm, _n)]['split'] = resnet_split
 
 # %% ../../nbs/15_arch_details.ipynb #0b94df7b
 class TensorNormalize:
@@ -357,7 +365,7 @@ def vision_learner(dls, # the data
                    loss_func=None, # loss function (default: the one `dls` suggests)
                    opt_func=Adam, # optimizer constructor
                    lr:float=1e-3, # default learning rate
-                   splitter=None, # model -> parameter groups (default: `default_split`, body then head)
+                   splitter=None, # model -> parameter groups (default: from `model_meta`, else `default_split`)
                    cbs:list|None=None, # extra callbacks
                    metrics:list|None=None, # metrics on the validation set
                    path=None, # where models are saved (default: `dls.path`)
@@ -384,11 +392,13 @@ def vision_learner(dls, # the data
                                 custom_head=custom_head, concat_pool=concat_pool, pool=pool, lin_ftrs=lin_ftrs, ps=ps,
                                 first_bn=first_bn, bn_final=bn_final, lin_first=lin_first, y_range=y_range)
     model.to(dls.device)
+    arch = _resolve_arch(arch)
+    meta = model_meta.get(arch, {}) if not isinstance(arch, str) else {}
+    splitter = splitter or (meta.get('split') if cut is None else None) or default_split  # a custom cut: body/head
     if normalize and pretrained:
-        arch = _resolve_arch(arch)
         mean, std = _arch_stats(arch, model[0])
         if len(mean) == n_in: _add_norm(dls, mean, std)
-    learn = Learner(dls, model, loss_func=loss_func, opt_func=opt_func, lr=lr, splitter=splitter or default_split,
+    learn = Learner(dls, model, loss_func=loss_func, opt_func=opt_func, lr=lr, splitter=splitter,
                     cbs=cbs, metrics=metrics, path=path, model_dir=model_dir, wd=wd, wd_bn_bias=wd_bn_bias,
                     train_bn=train_bn, moms=moms)
     if pretrained: learn.freeze()
