@@ -88,6 +88,11 @@ def test_from_df_csv_lists(data):
     assert sizes(dls) == (709, 699)
     x, y = dls.valid_ds[0]
     assert x.shape == (3, 28, 28) and dls.vocab[y] == int(df[df.is_valid].iloc[0]['label'])
+    new = df[df.is_valid].head(5)  # test_dl takes DataFrame rows as items, like the DataFrame the loaders came from
+    tdl = dls.test_dl(new, with_labels=True, num_workers=0)
+    xb, yb = tdl.one_batch()
+    assert xb.shape == (5, 3, 28, 28) and [dls.vocab[i] for i in yb.tolist()] == new['label'].tolist()
+    assert torch.equal(xb, dls.test_dl([row for _, row in new.iterrows()], num_workers=0).one_batch()[0])
     fns = get_image_files(path/'valid')
     labels = [f'digit {f.parent.name}' for f in fns]
     dls = ImageDataLoaders.from_lists(path, fns, labels, valid_pct=0.5, seed=0, num_workers=0)

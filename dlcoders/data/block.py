@@ -14,7 +14,7 @@ from fastcore.meta import delegates
 from ..torch_core import to_device
 from .core import (Transform, ItemTransform, Pipeline, TfmdDL, TfmdDataLoaders, Datasets, Categorize,
                                 MultiCategorize, EncodedMultiCategorize, RegressionSetup, ToTensor, OneHotEncode)
-from .core import _retype
+from .core import _retype, _rows
 
 # %% auto #0
 __all__ = ['TransformBlock', 'CategoryBlock', 'MultiCategoryBlock', 'RegressionBlock', 'RandomSplitter', 'TrainTestSplitter',
@@ -77,11 +77,6 @@ def RegressionBlock(n_out:int|None=None): # numbers per item (default: learned f
     return _named(TransformBlock(type_tfms=RegressionSetup(c=n_out)), 'RegressionBlock')
 
 # %% ../../nbs/02_production.ipynb #19b81d17
-def _rows(items) -> list:
-    "`items` as a list; a DataFrame's rows (pandas `Series`) for a DataFrame."
-    if hasattr(items, 'iterrows'): return [row for _, row in items.iterrows()]
-    return items if isinstance(items, list) else list(items)
-
 def _mask_split(mask) -> tuple[list, list]:
     "Training and validation indices from a boolean mask of the validation items."
     mask = np.asarray(mask, dtype=bool)

@@ -635,10 +635,16 @@ class Datasets(_Subsets):
 
     def __repr__(self): return f"Datasets: {len(self)} items, n_inp={self.n_inp}\n" + '\n'.join(map(repr, self.tls))
 
+def _rows(items) -> list:
+    "`items` as a list; a DataFrame's rows (pandas `Series`) for a DataFrame (whose `list` would be its column names)."
+    if hasattr(items, 'iterrows'): return [row for _, row in items.iterrows()]
+    return items if isinstance(items, list) else list(items)
+
 def test_set(dsets:Datasets|TfmdLists, # the data whose validation transforms to use
-             items, # new raw items
+             items, # new raw items (a list, or a DataFrame whose rows are items)
              with_labels:bool=False) -> Datasets|TfmdLists: # also build the targets (the items must have labels)
     "A dataset over new raw `items` with the (set up) validation transforms of `dsets`: only its inputs unless `with_labels`."
+    items = _rows(items)
     if isinstance(dsets, Datasets):
         tls = dsets.tls if with_labels else dsets.tls[:dsets.n_inp]
         return Datasets(tls=[tl._new(list(items), split_idx=1) for tl in tls], n_inp=dsets.n_inp, dl_type=dsets.dl_type)
