@@ -170,9 +170,13 @@ def _resolve_arch(arch):
                      "torchvision name such as 'resnet34', or a function returning a model")
 
 # %% ../../nbs/15_arch_details.ipynb #21252565
+def _meta(arch) -> dict:
+    "What `model_meta` records for `arch` (nothing for a timm name)."
+    return {} if isinstance(arch, str) else model_meta.get(arch, {})
+
 def _arch_stats(arch, model:nn.Module|None=None) -> tuple:
     "The (mean, std) that the pretrained weights of `arch` expect."
-    meta = model_meta.get(arch, {}) if not isinstance(arch, str) else {}
+    meta = _meta(arch)
     if 'stats' in meta: return meta['stats']
     weights = _tv_weights(arch) if not isinstance(arch, str) else None
     if weights is not None:
@@ -270,22 +274,20 @@ def create_vision_model(arch, # torchvision constructor or name, timm name, or f
     if isinstance(arch, str): body, nf = _timm_body(arch, pretrained, n_in)
     else:
         model = _call_arch(arch, pretrained)
-        body = create_body(model, n_in, pretrained, cut if cut is not None else model_meta.get(arch, {}).get('cut'))
+        body = create_body(model, n_in, pretrained, cut if cut is not None else _meta(arch).get('cut'))
         nf = num_features_model(body) if custom_head is None else None
     head = create_head(nf, n_out, **kwargs) if custom_head is None else custom_head
     if init is not None: apply_init(head, init)
     return nn.Sequential(body, head)
 
 # %% ../../nbs/15_arch_details.ipynb #083134cc
-def _head_params(m:nn.Module) -> list: return [p for child in list(m.children())[1:] for p in child.parameters()]
-
 def default_split(m:nn.Module) -> list:
     "Two parameter groups: the body's (`m[0]`) and the head's (`m[1:]`)."
-    return [params(m[0]), _head_params(m)]
+    return [params(m[0]), params(m[1:])]
 
 def resnet_split(m:nn.Module) -> list:
     "Three parameter groups for a torchvision ResNet: stem and stages 1-2, stages 3-4, head."
-    return [params(m[0][:6]), params(m[0][6:]), _head_params(m)]
+    return [params(m[0][:6]), params(m[0][6:]), params(m[1:])]
 
 for _n in _resnets: model_meta[getattr(_tvm, _n)]['split'] = resnet_split
 
@@ -393,8 +395,7 @@ def vision_learner(dls, # the data
                                 first_bn=first_bn, bn_final=bn_final, lin_first=lin_first, y_range=y_range)
     model.to(dls.device)
     arch = _resolve_arch(arch)
-    meta = model_meta.get(arch, {}) if not isinstance(arch, str) else {}
-    splitter = splitter or (meta.get('split') if cut is None else None) or default_split  # a custom cut: body/head
+    splitter = splitter or (_meta(arch).get('split') if cut is None else None) or default_split  # custom cut: body/head
     if normalize and pretrained:
         mean, std = _arch_stats(arch, model[0])
         if len(mean) == n_in: _add_norm(dls, mean, std)
