@@ -6,14 +6,18 @@
 __all__ = []
 
 # %% ../nbs/20_basics.ipynb #4dd8ddda
+import math
 from pathlib import Path
 import numpy as np
+import pandas as pd
+import matplotlib.pyplot as plt
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from functools import partial
 from fastcore.basics import patch
 from fastcore.meta import delegates
+from fastcore.foundation import L
 from .data.external import *
 from .torch_core import *
 from .data.load import *

@@ -4,7 +4,7 @@
 
 # %% ../nbs/19_learner.ipynb #83ce8781
 from __future__ import annotations
-import contextlib, pickle, time, warnings
+import contextlib, io, pickle, time, warnings
 from pathlib import Path
 import torch
 from torch import nn, Tensor
@@ -12,15 +12,15 @@ import cloudpickle
 from fastcore.meta import delegates
 from fastcore.basics import patch
 from .torch_core import (to_device, to_detach, to_cpu, trainable_params, norm_bias_params, bn_params,
-                                 default_device, first, apply)
+                                 default_device, first, apply, find_bs)
 from .data.load import DataLoader, DataLoaders
 from .callback.core import *
 from .callback.core import event_table, sort_callbacks
 from .optimizer import Adam, Optimizer
+from .metrics import Metric, AvgMetric, AvgLoss, AvgSmoothLoss
 
 # %% auto #0
-__all__ = ['Learner', 'TrainEvalCallback', 'Metric', 'AvgMetric', 'AvgLoss', 'AvgSmoothLoss', 'Recorder', 'GatherPredsCallback',
-           'load_learner']
+__all__ = ['Learner', 'TrainEvalCallback', 'Recorder', 'GatherPredsCallback', 'concat_batches', 'SafeUnpickler', 'load_learner']
 
 # %% ../nbs/19_learner.ipynb #5d3ea66b
 def _split_batch(b, n_inp:int):
@@ -42,7 +42,7 @@ class Learner:
                  opt_func=Adam, # builds the optimizer: `opt_func(param_groups, lr=lr)`
                  lr:float=1e-3, # default learning rate
                  splitter=trainable_params, # model -> parameter groups (for freezing and discriminative lr)
-                 cbs:list|None=None, # extra callbacks
+                 cbs:list|None=None, # extra callbacks: one, a class, or a list of either
                  metrics:list|None=None, # functions or `Metric`s computed on the validation set
                  path:Path|str|None=None, # folder for saved models and exports (default: `dls.path`)
                  model_dir:str='models', # subfolder of `path` for `save`/`load`
@@ -59,16 +59,26 @@ class Learner:
         self.splitter, self.wd, self.wd_bn_bias, self.train_bn, self.moms = splitter, wd, wd_bn_bias, train_bn, moms
         self.path = Path(path) if path is not None else Path(getattr(dls, 'path', '.'))
         self.model_dir = model_dir
-        if metrics is not None and not isinstance(metrics, (list, tuple)): metrics = [metrics]  # a single metric
-        self.metrics = [m if isinstance(m, Metric) else AvgMetric(m) for m in (metrics or [])]
+        self.metrics = metrics
         self.opt, self.training, self.epoch, self.n_epoch, self.iter, self.n_iter = None, False, 0, 1, 0, 0
         self.train_iter, self.pct_train, self.dl = 0, 0., None
         self.xb, self.yb, self.pred, self.loss, self.loss_grad = (), (), None, None, None
         self.logger = print
         self.cbs = []
         if default_cbs: self.add_cbs([TrainEvalCallback(), Recorder(), ProgressCallback()])
-        self.add_cbs(cbs or [])
+        self.add_cbs(cbs)
         self('after_create')
+
+    @property
+    def metrics(self) -> list:
+        "The `Metric`s computed on the validation set."
+        return self._metrics
+
+    @metrics.setter
+    def metrics(self, metrics):
+        # the book assigns one function, a `partial`, or a list: plain functions become averages over the batches
+        metrics = [] if metrics is None else metrics if isinstance(metrics, (list, tuple)) else [metrics]
+        self._metrics = [m if hasattr(m, 'accumulate') else AvgMetric(m) for m in metrics]  # a `Metric`, by its protocol
 
     # --- callbacks -------------------------------------------------------------------------
     def add_cb(self, cb:Callback|type):
@@ -81,7 +91,8 @@ class Learner:
         return self
 
     def add_cbs(self, cbs):
-        for cb in cbs: self.add_cb(cb)
+        "Add callbacks: one, a class, or a list of either."
+        for cb in as_cbs(cbs): self.add_cb(cb)
         return self
 
     def remove_cb(self, cb:Callback|type):
@@ -101,7 +112,7 @@ class Learner:
     @contextlib.contextmanager
     def added_cbs(self, cbs):
         "Context manager: `cbs` are added for the duration of the block."
-        cbs = [cb() if isinstance(cb, type) else cb for cb in (cbs or [])]
+        cbs = as_cbs(cbs)
         self.add_cbs(cbs)
         try: yield self
         finally: self.remove_cbs(cbs)
@@ -109,7 +120,7 @@ class Learner:
     @contextlib.contextmanager
     def removed_cbs(self, cbs):
         "Context manager: `cbs` are removed for the duration of the block."
-        cbs = [o for cb in cbs for o in self.cbs if o is cb or isinstance(cb, type) and isinstance(o, cb)]
+        cbs = [o for cb in (cbs if isinstance(cbs, (list, tuple)) else [cbs]) for o in self.cbs if o is cb or isinstance(cb, type) and isinstance(o, cb)]
         self.remove_cbs(cbs)
         try: yield self
         finally: self.add_cbs(cbs)
@@ -124,6 +135,10 @@ class Learner:
         "Run the callbacks that handle `event`."
         if self._tables is None: self._build_tables()
         for f in self._events[event]: f()
+
+    def __getstate__(self):
+        # the event tables hold bound methods, which would pickle as code: they are rebuilt on the next event
+        return {**self.__dict__, '_tables': None, '_events': None}
 
     def _set_phase(self, training:bool):
         self.training = training
@@ -221,9 +236,10 @@ class Learner:
     def fit(self, n_epoch:int, # number of epochs
             lr:float|None=None, # learning rate (default: `self.lr`)
             wd:float|None=None, # weight decay (default: `self.wd`, else the optimizer's)
-            cbs:list|None=None, # callbacks for this fit only
+            cbs:list|None=None, # callbacks for this fit only: one, a class, or a list of either
             reset_opt:bool=False): # start from a fresh optimizer
         "Train for `n_epoch` epochs."
+        if n_epoch <= 0: return  # nothing to train: no events, no optimizer, no change
         with self.added_cbs(cbs):
             if reset_opt or self.opt is None: self.create_opt()
             wd = self.wd if wd is None else wd
@@ -257,63 +273,6 @@ class TrainEvalCallback(Callback):
     def before_validate(self):
         # `eval()` walks every submodule: skip it when the model is already in eval mode (e.g. repeated `predict`)
         if self.model.training: self.model.eval()
-
-# %% ../nbs/19_learner.ipynb #10bd50a3
-class Metric:
-    "Base class for metrics: `reset`, `accumulate(learn)` per batch, `value` at the end."
-    def reset(self): pass
-    def accumulate(self, learn): pass
-    @property
-    def value(self): raise NotImplementedError
-    @property
-    def name(self) -> str: return type(self).__name__.lower()
-
-def _bs(learn) -> int:
-    "Number of items in the learner's current batch."
-    b = first(learn.yb) if learn.yb else first(learn.xb)
-    return len(b) if b is not None else 1
-
-class AvgMetric(Metric):
-    "Average of `func(pred, *yb)` over the validation set, weighted by batch size."
-    def __init__(self, func): self.func = func
-    def reset(self): self.total, self.count = 0., 0
-    def accumulate(self, learn):
-        bs = _bs(learn)
-        self.total = self.total + self.func(learn.pred, *learn.yb).detach() * bs
-        self.count += bs
-    @property
-    def value(self):
-        return (self.total / self.count).item() if self.count else None
-    @property
-    def name(self) -> str: return getattr(self.func, 'func', self.func).__name__
-
-class AvgLoss(Metric):
-    "Average loss over the validation set, weighted by batch size."
-    def reset(self): self.total, self.count = 0., 0
-    def accumulate(self, learn):
-        bs = _bs(learn)
-        self.total = self.total + learn.loss.float() * bs
-        self.count += bs
-    @property
-    def value(self): return (self.total / self.count).item() if self.count else None
-    @property
-    def name(self) -> str: return 'loss'
-
-class AvgSmoothLoss(Metric):
-    "Exponentially weighted moving average of the training loss, with bias correction."
-    def __init__(self, beta:float=0.98): self.beta = beta
-    def reset(self): self.count, self.val = 0, 0.
-    def accumulate(self, learn): self.extend([learn.loss.float().item()])
-    def extend(self, losses:list) -> list:
-        "Fold `losses` (floats) into the average; return the debiased average after each one."
-        res = []
-        for loss in losses:
-            self.count += 1
-            self.val = self.beta * self.val + (1 - self.beta) * loss
-            res.append(self.val / (1 - self.beta**self.count))
-        return res
-    @property
-    def value(self): return self.val / (1 - self.beta**self.count) if self.count else None
 
 # %% ../nbs/19_learner.ipynb #62e21b5d
 class Recorder(Callback):
@@ -458,11 +417,11 @@ def _loss_per_item(loss_func, pred, yb):
         return loss if loss.dim() <= 1 else loss.flatten(1).mean(1)
     return torch.stack([loss_func(pred[i:i+1], *(y[i:i+1] for y in yb)) for i in range(len(pred))])
 
-def _concat(chunks):
+def concat_batches(chunks):
     "Concatenate a list of batches (tensors, or tuples of tensors) along the first dimension."
     if not chunks: return None
     if isinstance(chunks[0], Tensor): return torch.cat(chunks)
-    return type(chunks[0])(_concat([c[i] for c in chunks]) for i in range(len(chunks[0])))
+    return type(chunks[0])(concat_batches([c[i] for c in chunks]) for i in range(len(chunks[0])))
 
 # %% ../nbs/19_learner.ipynb #3932a6f1
 @patch
@@ -501,15 +460,15 @@ def get_preds(self:Learner, ds_idx:int=1, # which of `dls` to predict on (0 trai
     gather = GatherPredsCallback(with_input=with_input, with_loss=with_loss)
     with self.added_cbs([gather] + list(cbs or [])):
         self._validation_pass(dl)
-    preds = _concat(gather.preds)
+    preds = concat_batches(gather.preds)
     if preds is None: preds = torch.empty(0)
     elif act is not None or hasattr(self.loss_func, 'activation'): preds = (act or self.loss_func.activation)(preds)
-    targs = _concat(gather.targets)
+    targs = concat_batches(gather.targets)
     targs = torch.empty(0) if targs is None else targs[0] if len(targs) == 1 else targs
     res = [preds, targs]
-    if with_input: res.insert(0, _concat(gather.inputs))
+    if with_input: res.insert(0, concat_batches(gather.inputs))
     if with_decoded: res.append(self.loss_func.decodes(preds) if hasattr(self.loss_func, 'decodes') and len(preds) else preds)
-    if with_loss: res.append(_concat(gather.losses) if gather.losses else torch.empty(0))
+    if with_loss: res.append(concat_batches(gather.losses) if gather.losses else torch.empty(0))
     return tuple(res)
 
 # %% ../nbs/19_learner.ipynb #e4a12ff4
@@ -532,6 +491,54 @@ def predict(self:Learner, item, # one item, as the data's inference pipeline acc
         res = (vocab[int(dec[0])] if vocab is not None else dec[0], dec[0], preds[0])
         inp = x
     return (*res, inp) if with_input else res
+
+# %% ../nbs/19_learner.ipynb #c9d2be87
+_SAFE_BUILTINS = {'set', 'frozenset', 'slice', 'range', 'complex', 'bytearray', 'bytes', 'object', 'list', 'tuple',
+                  'dict', 'int', 'float', 'str', 'bool', 'print'}
+_SAFE_CLASS_ROOTS = ('dlcoders.', 'torch.nn.modules.', 'torch.nn.parameter', 'torchvision.models.',
+                     'torchvision.tv_tensors', 'torchvision.ops.', 'timm.models.', 'timm.layers.', 'fastcore.foundation',
+                     'fastcore.basics', 'pathlib', 'collections', 'functools')
+_UNSAFE_FUNCTION_MODULES = ('dlcoders.data.external', 'dlcoders.vision.widgets', 'dlcoders.quickstart', 'dlcoders.learner')
+_SAFE_FUNCTIONS = {('dlcoders.data.external', n) for n in ('get_files', 'get_image_files', 'get_text_files')}
+
+def _safe_load_from_bytes(b): return torch.load(io.BytesIO(b), weights_only=True)
+
+def _safe_rebuild_from_type_v2(func, new_type, args, state):
+    if func not in (torch._utils._rebuild_tensor_v2, _safe_load_from_bytes):
+        raise pickle.UnpicklingError(f"SafeUnpickler: a tensor rebuilt by {func!r} is not allowed")
+    return torch._tensor._rebuild_from_type_v2(func, new_type, args, state)
+
+_REPLACED = {('torch.storage', '_load_from_bytes'): _safe_load_from_bytes,
+             ('torch._tensor', '_rebuild_from_type_v2'): _safe_rebuild_from_type_v2}
+_TENSOR_REBUILDERS = {('torch._utils', n) for n in ('_rebuild_tensor_v2', '_rebuild_parameter', '_rebuild_parameter_with_state')}
+
+class SafeUnpickler(pickle.Unpickler):
+    "Unpickles only the allow-listed objects above: a file that names anything else is refused, before it runs."
+    def __init__(self, file, fname=None): # an open binary file; its name, for messages
+        super().__init__(file)
+        self.fname = fname or getattr(file, 'name', 'the file')
+
+    def find_class(self, module:str, name:str):
+        if (module, name) in _REPLACED: return _REPLACED[(module, name)]
+        if (module, name) in _TENSOR_REBUILDERS or (module, name) in _SAFE_FUNCTIONS: return super().find_class(module, name)
+        if module == 'builtins' and name in _SAFE_BUILTINS: return super().find_class(module, name)
+        if module == 'copyreg' and name == '_reconstructor': return super().find_class(module, name)
+        if module == 'torch' and name in ('device', 'Size', 'Tensor') or module == 'torch' and name in _DTYPES:
+            return super().find_class(module, name)
+        if module.startswith(('dlcoders.', 'torch.nn.functional', 'torch.utils.data._utils.collate')):
+            obj = super().find_class(module, name)
+            if isinstance(obj, type) or not module.startswith(_UNSAFE_FUNCTION_MODULES): return obj
+        elif (module + '.').startswith(_SAFE_CLASS_ROOTS) or module.startswith(_SAFE_CLASS_ROOTS):
+            obj = super().find_class(module, name)
+            if isinstance(obj, type): return obj
+        raise pickle.UnpicklingError(
+            f"load_learner(safe=True) refused {self.fname}: it names `{module}.{name}`, which is not one of the objects "
+            "a safe load may create. A learner holds such a thing when its data or model uses code of your own (a "
+            "labelling function, a lambda, a model class defined in a notebook) or of another package. Rebuild the "
+            "learner with that code and use `learn.load` for its weights, or, if the file is yours, "
+            "load_learner(fname, trusted=True).")
+
+_DTYPES = {n for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype)}
 
 # %% ../nbs/19_learner.ipynb #a506a967
 def _model_state(model): return (model.module if hasattr(model, 'module') else model).state_dict()
@@ -581,14 +588,21 @@ def export(self:Learner, fname:str|Path='export.pkl', # file name, relative to `
     return file
 
 def load_learner(fname:str|Path, # a file written by `Learner.export`
-                 cpu:bool=True): # load onto the CPU (else the default device)
+                 cpu:bool=True, # load onto the CPU (else the default device)
+                 trusted:bool=False, # you made the file or trust its source: no warning
+                 safe:bool=False): # restore only the library's own objects; refuse any code in the file
     """Load a learner saved by `Learner.export`.
 
-    This unpickles the file, and unpickling can run arbitrary code: only load files from a source you trust."""
+    A plain load unpickles the file, and unpickling can run any code the file holds: it warns unless `trusted`.
+    `safe=True` never runs code from the file (see `SafeUnpickler`)."""
     fname = Path(fname)
     if not fname.exists(): raise FileNotFoundError(f"load_learner: no such file {fname}")
     device = torch.device('cpu') if cpu else default_device()
-    with open(fname, 'rb') as f: learn = pickle.load(f)
+    if not (trusted or safe):
+        warnings.warn(f"load_learner unpickles {fname}, and unpickling runs whatever code the file holds: load only "
+                      "files you trust. Pass trusted=True to say you do, or safe=True for a file from elsewhere.",
+                      UserWarning, stacklevel=2)
+    with open(fname, 'rb') as f: learn = SafeUnpickler(f, fname).load() if safe else pickle.load(f)
     learn.model.to(device)
     if learn.dls is not None: learn.dls.to(device)
     return learn
@@ -659,3 +673,6 @@ def show_results(self:Learner, ds_idx:int=1, dl=None, max_n:int=9, **kwargs):
         raise NotImplementedError("show_results needs DataLoaders that know how to show their items "
                                   "(those built by a DataBlock or an application's factory)")
     return self.dls.show_results(b, preds, max_n=max_n, **kwargs)
+
+# %% ../nbs/19_learner.ipynb #aed8c08b
+from .callback import schedule as _schedule, training as _training  # they add methods to `Learner`

@@ -9,15 +9,14 @@ import torch
 from torch import Tensor
 import torch.nn.functional as F
 import sklearn.metrics as skm
-from .torch_core import to_detach
-from .learner import Metric, AvgLoss
+from .torch_core import to_detach, find_bs
 
 # %% auto #0
-__all__ = ['rmse', 'msle', 'exp_rmspe', 'perplexity', 'flatten_check', 'accuracy', 'error_rate', 'top_k_accuracy', 'AccumMetric',
-           'skm_metric', 'F1Score', 'FBeta', 'Precision', 'Recall', 'MatthewsCorrCoef', 'BalancedAccuracy',
-           'CohenKappa', 'RocAuc', 'RocAucBinary', 'accuracy_multi', 'APScoreMulti', 'F1ScoreMulti', 'PrecisionMulti',
-           'RecallMulti', 'RocAucMulti', 'mse', 'mae', 'R2Score', 'ExplainedVariance', 'foreground_acc', 'Dice',
-           'JaccardCoeff', 'DiceMulti', 'Perplexity']
+__all__ = ['rmse', 'msle', 'exp_rmspe', 'perplexity', 'flatten_check', 'accuracy', 'error_rate', 'top_k_accuracy', 'Metric',
+           'AvgMetric', 'AvgLoss', 'AvgSmoothLoss', 'AccumMetric', 'skm_metric', 'F1Score', 'FBeta', 'Precision',
+           'Recall', 'MatthewsCorrCoef', 'BalancedAccuracy', 'CohenKappa', 'RocAuc', 'RocAucBinary', 'accuracy_multi',
+           'APScoreMulti', 'F1ScoreMulti', 'PrecisionMulti', 'RecallMulti', 'RocAucMulti', 'mse', 'mae', 'R2Score',
+           'ExplainedVariance', 'foreground_acc', 'Dice', 'JaccardCoeff', 'DiceMulti', 'Perplexity']
 
 # %% ../nbs/06a_metrics.ipynb #d0eef11d
 def flatten_check(inp:Tensor, targ:Tensor) -> tuple:
@@ -47,6 +46,58 @@ def top_k_accuracy(inp:Tensor, # predictions: one output per class on `axis`
     top = inp.topk(k=k, dim=axis).indices
     flatten_check(top.select(axis, 0), targ)
     return (top == targ.reshape(top.select(axis, 0).shape).unsqueeze(axis)).any(dim=axis).float().mean()
+
+# %% ../nbs/06a_metrics.ipynb #60f001e1
+class Metric:
+    "Base class for metrics: `reset`, `accumulate(learn)` per batch, `value` at the end."
+    def reset(self): pass
+    def accumulate(self, learn): pass
+    @property
+    def value(self): raise NotImplementedError
+    @property
+    def name(self) -> str: return type(self).__name__.lower()
+
+class AvgMetric(Metric):
+    "Average of `func(pred, *yb)` over the validation set, weighted by batch size."
+    def __init__(self, func): self.func = func
+    def reset(self): self.total, self.count = 0., 0
+    def accumulate(self, learn):
+        bs = find_bs(learn.yb or learn.xb)
+        self.total = self.total + self.func(learn.pred, *learn.yb).detach() * bs
+        self.count += bs
+    @property
+    def value(self):
+        return (self.total / self.count).item() if self.count else None
+    @property
+    def name(self) -> str: return getattr(self.func, 'func', self.func).__name__
+
+class AvgLoss(Metric):
+    "Average loss over the validation set, weighted by batch size."
+    def reset(self): self.total, self.count = 0., 0
+    def accumulate(self, learn):
+        bs = find_bs(learn.yb or learn.xb)
+        self.total = self.total + learn.loss.float() * bs
+        self.count += bs
+    @property
+    def value(self): return (self.total / self.count).item() if self.count else None
+    @property
+    def name(self) -> str: return 'loss'
+
+class AvgSmoothLoss(Metric):
+    "Exponentially weighted moving average of the training loss, with bias correction."
+    def __init__(self, beta:float=0.98): self.beta = beta
+    def reset(self): self.count, self.val = 0, 0.
+    def accumulate(self, learn): self.extend([learn.loss.float().item()])
+    def extend(self, losses:list) -> list:
+        "Fold `losses` (floats) into the average; return the debiased average after each one."
+        res = []
+        for loss in losses:
+            self.count += 1
+            self.val = self.beta * self.val + (1 - self.beta) * loss
+            res.append(self.val / (1 - self.beta**self.count))
+        return res
+    @property
+    def value(self): return self.val / (1 - self.beta**self.count) if self.count else None
 
 # %% ../nbs/06a_metrics.ipynb #7982f42f
 _activations = ('no', 'softmax', 'sigmoid', 'binary_softmax')

@@ -10,8 +10,8 @@ import torch
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['norm_types', 'default_device', 'apply', 'to_device', 'to_cpu', 'to_detach', 'set_seed', 'tensor', 'params',
-           'trainable_params', 'first', 'Module', 'norm_bias_params', 'bn_params']
+__all__ = ['norm_types', 'default_device', 'apply', 'to_device', 'to_cpu', 'to_detach', 'to_np', 'doc', 'set_seed', 'tensor',
+           'params', 'trainable_params', 'first', 'find_bs', 'Module', 'norm_bias_params', 'bn_params']
 
 # %% ../nbs/04_mnist_basics.ipynb #74636744
 def default_device(use:bool|str|torch.device|None=None, # None: best available; False: CPU; or a device to use
@@ -48,6 +48,36 @@ def to_detach(b, cpu:bool=True):
     "Detach every tensor in `b` from the graph, moving it to the CPU when `cpu`."
     return apply(lambda t: t.detach().cpu() if cpu else t.detach(), b)
 
+def to_np(x):
+    "Every tensor in `x` as a NumPy array (detached, on the CPU)."
+    return apply(lambda t: t.detach().cpu().numpy(), x)
+
+# %% ../nbs/04_mnist_basics.ipynb #08aa2554
+def _doc_page(f) -> str|None:
+    "The documentation page (and anchor) of `f`, from nbdev's index of the library, or None."
+    from dlcoders._modidx import d
+    name = f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', '')}"
+    entry = d['syms'].get(getattr(f, '__module__', ''), {}).get(name)
+    if entry is None: return None
+    s = d['settings']
+    return f"{s['doc_host']}{s['doc_baseurl']}/{entry[0]}"
+
+def doc(f):
+    "Print the signature, docstring, parameters and documentation page of `f`."
+    import inspect
+    from fastcore.docments import docments
+    f = getattr(f, '__func__', f)  # a bound method: its function
+    name = getattr(f, '__qualname__', getattr(f, '__name__', repr(f)))
+    try: sig = str(inspect.signature(f))
+    except (TypeError, ValueError): sig = '(...)'
+    lines = [f"{name}{sig}", '', inspect.getdoc(f) or '(no docstring)']
+    try: params = {k: v for k, v in docments(f).items() if v and k not in ('return', 'self')}
+    except Exception: params = {}  # builtins and C functions have no source to read comments from
+    if params: lines += [''] + [f"  {k}: {v}" for k, v in params.items()]
+    page = _doc_page(f)
+    if page: lines += ['', f"Documentation: {page}"]
+    print('\n'.join(lines))
+
 # %% ../nbs/04_mnist_basics.ipynb #d8d26322
 def set_seed(s:int, # the seed
              reproducible:bool=False): # also make cuDNN deterministic (slower)
@@ -81,6 +111,11 @@ def trainable_params(m:nn.Module) -> list:
 def first(x, default=None):
     "The first element of the iterable `x`, or `default` if it is empty."
     return next(iter(x), default)
+
+def find_bs(b) -> int:
+    "The number of items in batch `b`: the length of the tensor, or of the first tensor of a tuple or list."
+    while isinstance(b, (tuple, list)) and b: b = b[0]
+    return len(b)
 
 class Module(nn.Module):
     "An `nn.Module` whose subclasses need not call `super().__init__()`."

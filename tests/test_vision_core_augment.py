@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision import tv_tensors
 from dlcoders.data.block import DataBlock, CategoryBlock, RandomSplitter
-from dlcoders.data.core import Datasets, Categorize
+from dlcoders.data.core import Datasets, Categorize, TensorImage, TensorMask
 from dlcoders.data.external import untar_data, URLs, get_image_files
 from dlcoders.torch_core import set_seed
 from dlcoders.vision.core import (PILImage, PILImageBW, PILMask, ImageBlock, MaskBlock, PointBlock, BBoxBlock,
@@ -41,7 +41,7 @@ def test_disguised_files_load(pets):
         im = PILImage.create(fn)
         assert im.mode == 'RGB'
         t = PILImage.create_tensor(fn)
-        assert type(t) is tv_tensors.Image and t.shape == (3, *im.shape)
+        assert type(t) is TensorImage and t.shape == (3, *im.shape)
         assert torch.equal(t, image2tensor(im))
 
 def test_verify_images_reports_bad_files(bad_files, pets):
@@ -92,7 +92,7 @@ def test_mask_keeps_values(tmp_path):
     im = PIL.Image.fromarray(m, mode='L').convert('P')
     im.save(tmp_path/'m.png')
     t = PILMask.create_tensor(tmp_path/'m.png')
-    assert type(t) is tv_tensors.Mask and t.shape == (20, 30)
+    assert type(t) is TensorMask and t.shape == (20, 30)
     assert torch.equal(t, torch.from_numpy(np.asarray(PIL.Image.open(tmp_path/'m.png'))))
 
 @pytest.mark.parametrize('method', ['crop', 'squish', 'pad'])

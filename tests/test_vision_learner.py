@@ -10,9 +10,10 @@ from torchvision.models import resnet18
 
 from dlcoders.data.external import DownloadError
 from dlcoders.data.load import DataLoaders
+from dlcoders.data.core import Pipeline
 from dlcoders.learner import load_learner
 from dlcoders.losses import CrossEntropyLossFlat
-from dlcoders.vision.learner import (Normalize, TensorNormalize, create_body, create_head, create_vision_model, default_split,
+from dlcoders.vision.learner import (Normalize, create_body, create_head, create_vision_model, default_split,
                                      imagenet_stats, vision_learner, cnn_learner, weights_file, _tv_weights)
 
 RN18_FILE = 'resnet18-f37072fd.pth'
@@ -156,8 +157,8 @@ def test_normalize_added_once_and_composed(torch_home, monkeypatch):
     with pytest.warns(UserWarning):
         vision_learner(dls, resnet18, loss_func=CrossEntropyLossFlat())
         vision_learner(dls, resnet18, loss_func=CrossEntropyLossFlat())
-    assert isinstance(dls.valid.after_batch, TensorNormalize)  # plain tensors: the shape-based stand-in
-    assert [type(f).__name__ for f in dls.train.after_batch.fs] == ['function', 'TensorNormalize']
+    assert isinstance(dls.valid.after_batch, Normalize)  # plain tensors: found by their shape
+    assert [type(f).__name__ for f in dls.train.after_batch.fs] == ['ItemTransform', 'Normalize']
     xb, yb = dls.train.one_batch()
     assert 0.4 < seen[0] < 0.6  # the earlier transform saw raw pixels
     mean, std = (torch.tensor(s)[:, None, None] for s in imagenet_stats)
@@ -166,20 +167,11 @@ def test_normalize_added_once_and_composed(torch_home, monkeypatch):
     assert yb.dtype == torch.int64
 
 
-class _Pipeline:
-    "A stand-in for the data pipeline's `Pipeline`: a list of transforms `fs` and an `add` method."
-    def __init__(self, fs=()): self.fs = list(fs)
-    def add(self, f): self.fs.append(f)
-    def __call__(self, b):
-        for f in self.fs: b = f(b)
-        return b
-
-
 def test_normalize_added_to_a_pipeline(torch_home, monkeypatch):
     monkeypatch.setenv('DLCODERS_OFFLINE', '1')
     dls = tiny_dls()
-    for dl in dls: dl.after_batch = _Pipeline()
-    dls.valid.after_batch = _Pipeline([Normalize.from_stats([0.5] * 3, [0.5] * 3)])
+    for dl in dls: dl.after_batch = Pipeline()
+    dls.valid.after_batch = Pipeline([Normalize.from_stats([0.5] * 3, [0.5] * 3)])
     with pytest.warns(UserWarning):
         vision_learner(dls, resnet18, loss_func=CrossEntropyLossFlat())
     assert [type(f).__name__ for f in dls.train.after_batch.fs] == ['Normalize']
@@ -212,14 +204,14 @@ def test_freeze_without_train_bn(torch_home, monkeypatch):
 
 def test_export_and_load(tmp_path):
     learn = cnn_learner(tiny_dls(), resnet18, pretrained=False, loss_func=CrossEntropyLossFlat(), path=tmp_path)
-    learn.dls.train.after_batch = TensorNormalize.from_stats(*imagenet_stats)
+    learn.dls.train.after_batch = Normalize.from_stats(*imagenet_stats)
     learn.export('vision.pkl')
     learn2 = load_learner(tmp_path/'vision.pkl')
     x = torch.rand(2, 3, 32, 32)
     learn.model.eval()
     learn2.model.eval()
     with torch.no_grad(): torch.testing.assert_close(learn2.model(x), learn.model(x))
-    assert isinstance(learn2.dls.train.after_batch, TensorNormalize)
+    assert isinstance(learn2.dls.train.after_batch, Normalize)
 
 
 # --- other architectures ------------------------------------------------------------------------------------

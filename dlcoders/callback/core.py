@@ -8,8 +8,8 @@ import functools, re
 
 # %% auto #0
 __all__ = ['EVENTS', 'FIT_EVENTS', 'CancelFitException', 'CancelEpochException', 'CancelTrainException', 'CancelValidException',
-           'CancelBatchException', 'CancelStepException', 'CancelBackwardException', 'Callback', 'sort_callbacks',
-           'event_table']
+           'CancelBatchException', 'CancelStepException', 'CancelBackwardException', 'Callback', 'as_cbs',
+           'sort_callbacks', 'event_table']
 
 # %% ../../nbs/16a_callbacks.ipynb #d6875ffb
 EVENTS = ['after_create', 'before_fit', 'before_epoch', 'before_train', 'before_batch', 'after_pred', 'after_loss',
@@ -80,14 +80,24 @@ def _matches(cb, ref) -> bool:
     "True when callback `cb` is the class or has the name `ref`."
     return isinstance(ref, str) and ref in (type(cb).__name__, cb.name) or isinstance(ref, type) and isinstance(cb, ref)
 
+def _refs(o) -> tuple:
+    "`run_before`/`run_after` as a tuple: the book writes a single class (`run_before=Recorder`) as often as a list."
+    return tuple(o) if isinstance(o, (list, tuple, set)) else (o,)
+
+def as_cbs(cbs) -> list:
+    "Callbacks given as one callback, one class, or a list of either (as the book writes them), as a list of instances."
+    if cbs is None: return []
+    cbs = [cbs] if isinstance(cbs, (Callback, type)) else list(cbs)
+    return [cb() if isinstance(cb, type) else cb for cb in cbs]
+
 def sort_callbacks(cbs:list) -> list:
     "Callbacks sorted by `order`, then adjusted so that every `run_before`/`run_after` holds."
     todo, res = sorted(cbs, key=lambda cb: cb.order), []
     while todo:
         for cb in todo:
             # `cb` can go next when nothing left to place must run before it
-            blockers = [o for o in todo if o is not cb and (any(_matches(cb, r) for r in o.run_before) or
-                                                             any(_matches(o, r) for r in cb.run_after))]
+            blockers = [o for o in todo if o is not cb and (any(_matches(cb, r) for r in _refs(o.run_before)) or
+                                                             any(_matches(o, r) for r in _refs(cb.run_after)))]
             if not blockers: break
         else: raise ValueError(f"Callbacks with contradictory run_before/run_after: {todo}")
         todo.remove(cb)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 from fastcore.meta import delegates
-from .core import Callback, CancelFitException, CancelValidException
+from .core import Callback, CancelFitException, CancelValidException, as_cbs
 from ..learner import Learner, Recorder
 
 # %% auto #0
@@ -244,9 +244,6 @@ def _per_group(learn, name:str, v) -> np.ndarray:
     learn.opt.set_hyper(name, v)
     return np.array([h[name] for h in learn.opt.hypers])
 
-def _cbs_list(cbs) -> list:
-    return [cbs] if isinstance(cbs, (Callback, type)) else list(cbs or [])
-
 @patch
 def fit_one_cycle(self:Learner, n_epoch:int, # number of epochs
                   lr_max=None, # peak learning rate: a number, or a `slice` for discriminative lrs (default: `self.lr`)
@@ -262,7 +259,7 @@ def fit_one_cycle(self:Learner, n_epoch:int, # number of epochs
     lr_max = _per_group(self, 'lr', self.lr if lr_max is None else lr_max)
     scheds = {'lr': combined_cos(pct_start, lr_max / div, lr_max, lr_max / div_final)}
     if 'mom' in self.opt.hypers[0]: scheds['mom'] = combined_cos(pct_start, *(moms or self.moms))
-    self.fit(n_epoch, wd=wd, cbs=[ParamScheduler(scheds)] + _cbs_list(cbs))
+    self.fit(n_epoch, wd=wd, cbs=[ParamScheduler(scheds)] + as_cbs(cbs))
 
 # %% ../../nbs/05a_schedule.ipynb #ea7317b7
 @patch
@@ -277,7 +274,7 @@ def fit_flat_cos(self:Learner, n_epoch:int, # number of epochs
     if reset_opt or self.opt is None: self.create_opt()
     lr = _per_group(self, 'lr', self.lr if lr is None else lr)
     scheds = {'lr': combine_scheds([pct_start, 1 - pct_start], [SchedNo(lr, lr), SchedCos(lr, lr / div_final)])}
-    self.fit(n_epoch, wd=wd, cbs=[ParamScheduler(scheds)] + _cbs_list(cbs))
+    self.fit(n_epoch, wd=wd, cbs=[ParamScheduler(scheds)] + as_cbs(cbs))
 
 @patch
 def fit_sgdr(self:Learner, n_cycles:int, # number of cycles
@@ -293,7 +290,7 @@ def fit_sgdr(self:Learner, n_cycles:int, # number of cycles
     lens = [cycle_len * cycle_mult**i for i in range(n_cycles)]
     n_epoch = int(sum(lens))
     scheds = {'lr': combine_scheds([l / n_epoch for l in lens], [SchedCos(lr_max, 0.) for _ in lens])}
-    self.fit(n_epoch, wd=wd, cbs=[ParamScheduler(scheds)] + _cbs_list(cbs))
+    self.fit(n_epoch, wd=wd, cbs=[ParamScheduler(scheds)] + as_cbs(cbs))
 
 # %% ../../nbs/05a_schedule.ipynb #88f5ffe5
 @patch

@@ -12,8 +12,8 @@ from torch import nn
 from fastcore.basics import patch
 from fastcore.meta import delegates
 from .core import *
-from ..learner import Learner, TrainEvalCallback, GatherPredsCallback, _concat
-from ..torch_core import to_detach, apply
+from ..learner import Learner, TrainEvalCallback, GatherPredsCallback, concat_batches
+from ..torch_core import to_detach, apply, find_bs
 
 # %% auto #0
 __all__ = ['TrackerCallback', 'SaveModelCallback', 'PlateauCallback', 'EarlyStoppingCallback', 'ReduceLROnPlateau',
@@ -151,11 +151,6 @@ class TerminateOnNaNCallback(Callback):
         raise CancelFitException()
 
 # %% ../../nbs/16b_training_callbacks.ipynb #177f41ae
-def _bs(yb, xb) -> int:
-    "Number of items in a batch."
-    b = yb[0] if yb else xb[0]
-    return len(b)
-
 class GradientAccumulation(Callback):
     "Accumulate gradients over several batches and step once `n_acc` items have been seen."
     order = 6 # before `MixedPrecision` (10) and `GradientClip` (11): they see the full gradient
@@ -167,7 +162,7 @@ class GradientAccumulation(Callback):
         self.opt.zero_grad()  # no gradient left over from an interrupted fit
 
     def before_backward(self):
-        self.bs = _bs(self.yb, self.xb)
+        self.bs = find_bs(self.yb or self.xb)
         self.learn.loss_grad = self.loss_grad * (self.bs / self.n_acc)
 
     def before_step(self):
@@ -335,8 +330,8 @@ class FetchPredsCallback(GatherPredsCallback):
         super().__init__(with_input=with_input, with_loss=with_loss)
         self.preds = None
     def after_validate(self):
-        targs = _concat(self.targets)
-        res = [_concat(self.preds), targs[0] if targs is not None and len(targs) == 1 else targs]
-        if self.with_input: res.insert(0, _concat(self.inputs))
-        if self.with_loss: res.append(_concat(self.losses))
+        targs = concat_batches(self.targets)
+        res = [concat_batches(self.preds), targs[0] if targs is not None and len(targs) == 1 else targs]
+        if self.with_input: res.insert(0, concat_batches(self.inputs))
+        if self.with_loss: res.append(concat_batches(self.losses))
         self.preds = tuple(res)

@@ -14,7 +14,7 @@ from fastcore.meta import delegates
 from ..torch_core import to_device
 from .core import (Transform, ItemTransform, Pipeline, TfmdDL, TfmdDataLoaders, Datasets, Categorize,
                                 MultiCategorize, EncodedMultiCategorize, RegressionSetup, ToTensor, OneHotEncode)
-from .core import _retype, _rows
+from .core import retype, as_items
 
 # %% auto #0
 __all__ = ['TransformBlock', 'CategoryBlock', 'MultiCategoryBlock', 'RegressionBlock', 'RandomSplitter', 'TrainTestSplitter',
@@ -146,7 +146,7 @@ class FuncSplitter:
         self.func = func
 
     def __call__(self, items) -> tuple[list, list]:
-        return _mask_split([bool(self.func(o)) for o in _rows(items)])
+        return _mask_split([bool(self.func(o)) for o in as_items(items)])
 
 class FileSplitter:
     "The items whose file name is listed in the text file `fname` for validation."
@@ -478,7 +478,7 @@ class DataBlock:
         "The `Datasets` of the items of `source`: split, and with their pipelines set up on the training items."
         items = self._get_items(source, verbose)
         splits = self._split(items, verbose)
-        dsets = Datasets(_rows(items), tfms=self._pipelines(), splits=splits, n_inp=self.n_inp, dl_type=self.dl_type,
+        dsets = Datasets(as_items(items), tfms=self._pipelines(), splits=splits, n_inp=self.n_inp, dl_type=self.dl_type,
                          do_setup=False)
         for k, tl in enumerate(dsets.tls):
             if verbose: print(f"Setting up the {self._role(k)} pipeline: {tl.tfms}")
@@ -571,7 +571,7 @@ class DataBlock:
             shapes = '\n'.join(f"      item {i}: {_describe(o)}" for i, o in enumerate(items))
             raise DataBlockError(f"collating {len(items)} items into a batch failed (items of different shapes need "
                                  f"an item transform such as a resize):\n{shapes}\n    {type(e).__name__}: {e}") from e
-        b = _retype(to_device(b, dl.device), types)
+        b = retype(to_device(b, dl.device), types)
         print(f"\nCollating {len(items)} items into a batch:\n    -> {_describe(b)}")
         return b
 

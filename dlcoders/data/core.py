@@ -15,6 +15,7 @@ from torchvision import tv_tensors
 from torchvision.tv_tensors import TVTensor
 from torchvision.transforms.v2 import functional as TF
 from fastcore.basics import fastuple
+from fastcore.foundation import L
 from fastcore.meta import delegates
 from ..torch_core import to_device, to_cpu
 from .load import DataLoader, DataLoaders
@@ -23,8 +24,9 @@ from ..losses import CrossEntropyLossFlat, BCEWithLogitsLossFlat, MSELossFlat
 # %% auto #0
 __all__ = ['show_funcs', 'TypeDispatch', 'Transform', 'ItemTransform', 'Pipeline', 'TfmdLists', 'CategoryMap', 'show_title',
            'Category', 'TitledStr', 'MultiCategory', 'Categorize', 'MultiCategorize', 'OneHotEncode',
-           'EncodedMultiCategorize', 'RegressionSetup', 'ToTensor', 'show_image', 'show_item', 'get_grid', 'Datasets',
-           'test_set', 'TfmdDL', 'TfmdDataLoaders', 'fastuple']
+           'EncodedMultiCategorize', 'RegressionSetup', 'TensorImage', 'TensorImageBW', 'TensorMask', 'ToTensor',
+           'show_image', 'show_item', 'get_grid', 'Datasets', 'as_items', 'test_set', 'retype', 'TfmdDL',
+           'TfmdDataLoaders', 'fastuple']
 
 # %% ../../nbs/11_midlevel_data.ipynb #335cb618
 def _resolve(ann, f):
@@ -399,6 +401,12 @@ class CategoryMap(list):
         "The labels of the indices `ids`."
         return [self[int(i)] for i in ids]
 
+    def __getitem__(self, idx):
+        "The class at index `idx`; an `L` of classes for a list, array or tensor of indices (`vocab[idxs]`)."
+        if isinstance(idx, (int, np.integer, slice)): return super().__getitem__(idx)
+        if isinstance(idx, Tensor) and idx.ndim == 0: return super().__getitem__(int(idx))
+        return L(super(CategoryMap, self).__getitem__(int(i)) for i in idx)
+
     def __repr__(self):
         return f"CategoryMap({list.__repr__(self[:10])[:-1]}{', ...' if len(self) > 10 else ''}] ({len(self)} classes))"
 
@@ -507,10 +515,21 @@ class RegressionSetup(Transform):
     def encodes(self, o): return torch.as_tensor(o, dtype=torch.float32)
     def decodes(self, o): return o
 
+class TensorImage(tv_tensors.Image):
+    "An image tensor (channels first) that shows itself: what items and decoded batches hold, as in the book."
+    def show(self, ctx=None, **kwargs): return show_image(self, ctx=ctx, **kwargs)
+
+class TensorImageBW(TensorImage):
+    "A one-channel image tensor."
+
+class TensorMask(tv_tensors.Mask):
+    "A segmentation mask tensor (one class index per pixel) that shows itself."
+    def show(self, ctx=None, **kwargs): return _show_mask(self, ctx=ctx, **kwargs)
+
 class ToTensor(Transform):
-    "A PIL image to a `tv_tensors.Image` (uint8, channels first)."
+    "A PIL image to a `TensorImage` (uint8, channels first)."
     order = 5
-    def encodes(self, o:PIL.Image.Image): return tv_tensors.Image(TF.pil_to_tensor(o))
+    def encodes(self, o:PIL.Image.Image): return TensorImage(TF.pil_to_tensor(o))
 
 # %% ../../nbs/11_midlevel_data.ipynb #9ca4234c
 def _new_axes(figsize=None):
@@ -635,7 +654,7 @@ class Datasets(_Subsets):
 
     def __repr__(self): return f"Datasets: {len(self)} items, n_inp={self.n_inp}\n" + '\n'.join(map(repr, self.tls))
 
-def _rows(items) -> list:
+def as_items(items) -> list:
     "`items` as a list; a DataFrame's rows (pandas `Series`) for a DataFrame (whose `list` would be its column names)."
     if hasattr(items, 'iterrows'): return [row for _, row in items.iterrows()]
     return items if isinstance(items, list) else list(items)
@@ -644,7 +663,7 @@ def test_set(dsets:Datasets|TfmdLists, # the data whose validation transforms to
              items, # new raw items (a list, or a DataFrame whose rows are items)
              with_labels:bool=False) -> Datasets|TfmdLists: # also build the targets (the items must have labels)
     "A dataset over new raw `items` with the (set up) validation transforms of `dsets`: only its inputs unless `with_labels`."
-    items = _rows(items)
+    items = as_items(items)
     if isinstance(dsets, Datasets):
         tls = dsets.tls if with_labels else dsets.tls[:dsets.n_inp]
         return Datasets(tls=[tl._new(list(items), split_idx=1) for tl in tls], n_inp=dsets.n_inp, dl_type=dsets.dl_type)
@@ -669,7 +688,7 @@ class _TupleType:
     def __setstate__(self, s): self.cls, self.elems = s
 
 def _type_tree(x):
-    "What `_retype` restores in `x`: tuple types (collation makes lists of them) and typed tensors; None for nothing."
+    "What `retype` restores in `x`: tuple types (collation makes lists of them) and typed tensors; None for nothing."
     if isinstance(x, Tensor): return None if type(x) is Tensor else _TensorType(type(x), dict(x.__dict__))
     if _is_tuple(x): return _TupleType(type(x), [_type_tree(o) for o in x])
     return None
@@ -680,12 +699,12 @@ def _wrap_typed(t:Tensor, tt:_TensorType) -> Tensor:
     res.__dict__.update(tt.meta)
     return res
 
-def _retype(x, tt):
+def retype(x, tt):
     "`x` with the tuple types and tensor types described by `tt` (elements beyond `tt`'s are left as they are)."
     if tt is None: return x
     if isinstance(tt, _TensorType): return _wrap_typed(x, tt) if isinstance(x, Tensor) else x
     if not isinstance(x, (tuple, list)): return x
-    elems = [_retype(o, tt.elems[i] if i < len(tt.elems) else None) for i, o in enumerate(x)]
+    elems = [retype(o, tt.elems[i] if i < len(tt.elems) else None) for i, o in enumerate(x)]
     return tuple(elems) if tt.cls is tuple else tt.cls(elems)
 
 def _strip(x):
@@ -696,7 +715,7 @@ def _strip(x):
 
 def _to_cpu_typed(b):
     "`b` moved to the CPU, keeping its tensor types (`.cpu()` drops them)."
-    return _retype(to_cpu(b), _type_tree(b))
+    return retype(to_cpu(b), _type_tree(b))
 
 def _unbatch(b, max_n:int) -> list:
     "The first `max_n` items of the (typed) batch `b`."
@@ -757,7 +776,7 @@ class TfmdDL(DataLoader):
         on_cpu = self.device.type == 'cpu'
         for b, types in self._collated():
             if not on_cpu: b = to_device(b, self.device, non_blocking=self.pin_memory)
-            with self._buffers.active(): b = self.after_batch(_retype(b, types))  # big CPU batches reuse memory
+            with self._buffers.active(): b = self.after_batch(retype(b, types))  # big CPU batches reuse memory
             self._types, self._types_known = _type_tree(b), True
             yield _strip(b)
 
@@ -779,7 +798,7 @@ class TfmdDL(DataLoader):
         items = [self.after_item(self.dataset[i]) for i in range(min(2, len(self.dataset)))]
         if not items: return
         b, types = self.collate_fn(self.before_batch(items))
-        b = self.after_batch(_retype(to_device(b, self.device), types))
+        b = self.after_batch(retype(to_device(b, self.device), types))
         self._types, self._types_known = _type_tree(b), True
         self._n_inp = len(b) - 1 if isinstance(b, (tuple, list)) and len(b) > 1 else 1
 
@@ -809,7 +828,7 @@ class TfmdDL(DataLoader):
     def decode(self, b):
         "Undo `after_batch` and `before_batch` on `b` (a batch from this loader), with its types restored, on the CPU."
         if not self._types_known: self._one_pass()
-        b = _to_cpu_typed(self.after_batch.decode(_retype(b, self._types)))
+        b = _to_cpu_typed(self.after_batch.decode(retype(b, self._types)))
         return self.before_batch.decode(b)
 
     def decode_batch(self, b, # a batch from this loader
@@ -918,7 +937,7 @@ def _decode_outputs(dl:TfmdDL, outs:tuple, n_inp:int) -> tuple|None:
     if not dl._types_known: dl._one_pass()
     tt = dl._types
     types = _TupleType(tuple, tt.elems[n_inp:]) if isinstance(tt, _TupleType) else None
-    b = dl.before_batch.decode(_to_cpu_typed(dl.after_batch.decode(_retype(outs, types))))
+    b = dl.before_batch.decode(_to_cpu_typed(dl.after_batch.decode(retype(outs, types))))
     item = dl.after_item.decode(_unbatch(b, 1)[0])
     return tuple(tl.decode(x) for x, tl in zip(item, tls[n_inp:]))
 

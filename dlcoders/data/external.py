@@ -8,11 +8,12 @@ import hashlib, http.client, ipaddress, os, shutil, tarfile, tempfile, time, url
 from pathlib import Path
 from filelock import FileLock
 from fastcore.xtras import Path  # fastcore adds `Path.ls`, which the book uses everywhere
+from fastcore.foundation import L  # fastcore's list, as the book uses it: `files.map(f)`, `files[idxs]`
 
 # %% auto #0
 __all__ = ['PUBLIC_BASE', 'image_extensions', 'text_extensions', 'dlcoders_home', 'is_offline', 'data_base_url', 'URLs',
-           'resolve_url', 'parse_sha256sums', 'expected_sha256', 'file_sha256', 'DownloadError', 'download_url',
-           'untar_data', 'get_files', 'get_image_files', 'get_text_files']
+           'resolve_url', 'is_local_url', 'parse_sha256sums', 'expected_sha256', 'file_sha256', 'DownloadError',
+           'download_url', 'untar_data', 'get_files', 'get_image_files', 'get_text_files']
 
 # %% ../../nbs/01_intro.ipynb #7b912e92
 PUBLIC_BASE = 'https://s3.amazonaws.com'  # the host the book's datasets live on
@@ -68,7 +69,7 @@ def resolve_url(url:str) -> str:
     if base and url.startswith(PUBLIC_BASE + '/'): return base + url[len(PUBLIC_BASE):]
     return url
 
-def _is_local(url:str) -> bool:
+def is_local_url(url:str) -> bool:
     "True for URLs that never leave this machine: `file://` and loopback hosts."
     parts = urllib.parse.urlsplit(url)
     if parts.scheme == 'file': return True
@@ -125,7 +126,7 @@ def download_url(url:str, # where to download from (`http(s)://` or `file://`)
                  sha256:str|None=None, # expected SHA-256 hex digest, when known
                  timeout:float=60.): # seconds to wait for the server
     "Download `url` to `dest` atomically, checking its size and checksum; return `dest`."
-    if is_offline() and not _is_local(url): raise _offline_error(url)
+    if is_offline() and not is_local_url(url): raise _offline_error(url)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + '.part')
@@ -216,7 +217,7 @@ def untar_data(url:str, # dataset address, usually one of `URLs`
     dest = data_dir/_dataset_name(fname.name)
     if dest.exists() and not force_download: return dest
     src = resolve_url(url)
-    if is_offline() and not _is_local(src) and (force_download or not fname.exists()):
+    if is_offline() and not is_local_url(src) and (force_download or not fname.exists()):
         raise _offline_error(src)  # before anything is created on disk
     archive_dir.mkdir(parents=True, exist_ok=True)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -249,14 +250,14 @@ def get_files(path:Path, # folder to search
               recurse:bool=True, # search sub-folders too
               folders:list|None=None, # only search these sub-folders of `path`
               followlinks:bool=True): # follow symbolic links to folders
-    "Sorted list of the files in `path` with one of `extensions` (a suffix or a list of them)."
+    "The files in `path` with one of `extensions` (a suffix or a list of them), sorted, as an `L`."
     path = Path(path)
     if not path.is_dir(): raise FileNotFoundError(f"get_files: {path} is not a folder")
     if isinstance(extensions, str): extensions = [extensions]
     extensions = {e.lower() for e in extensions} if extensions else None
     folders = list(folders or [])
     if not recurse:
-        return _walk_files(path, [o.name for o in os.scandir(path) if o.is_file()], extensions)
+        return L(_walk_files(path, [o.name for o in os.scandir(path) if o.is_file()], extensions))
     res = []
     for i, (p, dirs, names) in enumerate(os.walk(path, followlinks=followlinks)):
         if i == 0 and folders: dirs[:] = [d for d in dirs if d in folders]
@@ -264,12 +265,12 @@ def get_files(path:Path, # folder to search
         dirs.sort()
         if i == 0 and folders: continue
         res += _walk_files(Path(p), names, extensions)
-    return sorted(res)  # a folder's own files and its sub-folders' files, in one path order
+    return L(sorted(res))  # a folder's own files and its sub-folders' files, in one path order
 
 def get_image_files(path:Path, recurse:bool=True, folders:list|None=None):
-    "Sorted list of the image files in `path`."
+    "The image files in `path`, sorted, as an `L`."
     return get_files(path, extensions=image_extensions, recurse=recurse, folders=folders)
 
 def get_text_files(path:Path, recurse:bool=True, folders:list|None=None):
-    "Sorted list of the text files in `path`."
+    "The text files in `path`, sorted, as an `L`."
     return get_files(path, extensions=text_extensions, recurse=recurse, folders=folders)

@@ -14,7 +14,7 @@ from fastcore.meta import delegates
 from ..torch_core import default_device, to_device, apply, first
 
 # %% auto #0
-__all__ = ['TensorItems', 'BatchBuffers', 'empty_batch', 'DataLoader', 'DataLoaders']
+__all__ = ['TensorItems', 'BatchBuffers', 'empty_batch', 'batch_size_arg', 'DataLoader', 'DataLoaders']
 
 # %% ../../nbs/11a_data_load.ipynb #e9b3d934
 class TensorItems:
@@ -104,10 +104,16 @@ def _default_workers() -> int:
     import os
     return min(4, os.cpu_count() or 1)
 
+def batch_size_arg(bs:int|None, batch_size:int|None, default:int=64) -> int:
+    "The batch size from `bs` or its alias `batch_size` (PyTorch's name, which the book uses too)."
+    if bs is not None and batch_size is not None and bs != batch_size:
+        raise TypeError(f"give the batch size once: bs={bs} and batch_size={batch_size} disagree")
+    return next((o for o in (bs, batch_size) if o is not None), default)
+
 class DataLoader:
     "Batches of a dataset, moved to `device`, with `after_item`/`before_batch`/`after_batch` hooks."
     def __init__(self, dataset, # anything with `len` and indexing, or in-memory tensors
-                 bs:int=64, # batch size
+                 bs:int|None=None, # batch size (default 64)
                  shuffle:bool=False, # reshuffle the order at every epoch
                  drop_last:bool=False, # drop the last incomplete batch
                  num_workers:int|None=None, # worker processes (default: 0 for tensors, up to 4 otherwise)
@@ -118,10 +124,11 @@ class DataLoader:
                  after_batch=None, # function applied to each collated batch, on `device`
                  collate_fn=None, # how to stack items into a batch (default: `default_collate`)
                  persistent_workers:bool|None=None, # keep workers alive across epochs (default: when there are workers)
+                 batch_size:int|None=None, # the same as `bs`, under PyTorch's name
                  **kwargs): # passed to `torch.utils.data.DataLoader`
         items = _as_tensor_items(dataset)
         self.dataset = dataset if items is None else items
-        self.bs, self.shuffle, self.drop_last = bs, shuffle, drop_last
+        self.bs, self.shuffle, self.drop_last = batch_size_arg(bs, batch_size), shuffle, drop_last
         self.num_workers = (0 if items is not None else _default_workers()) if num_workers is None else num_workers
         self.pin_memory, self.after_item, self.before_batch, self.after_batch = pin_memory, after_item, before_batch, after_batch
         self.device = default_device() if device is None else torch.device(device)
@@ -220,6 +227,14 @@ class DataLoaders:
     def __len__(self): return len(self.loaders)
     def __iter__(self): return iter(self.loaders)
 
+    def __getattr__(self, name):
+        # What the pair lacks, the training loader answers: readers write `dls.decode(b)`, `dls.new(bs=32)`,
+        # `dls.after_batch`, as they would with fastai. Only names that are missing here get this far.
+        if name.startswith('__') or 'loaders' not in self.__dict__: raise AttributeError(name)  # e.g. while unpickling
+        try: return getattr(self.train, name)
+        except AttributeError:
+            raise AttributeError(f"neither {type(self).__name__} nor its training loader has `{name}`") from None
+
     @property
     def train(self) -> DataLoader:
         "The training loader."
@@ -257,15 +272,21 @@ class DataLoaders:
         return type(self)(*(dl.new(dataset=_empty_like(dl.dataset)) for dl in self.loaders), path=self.path)
 
     @classmethod
-    @delegates(DataLoader.__init__, but=['dataset', 'shuffle', 'drop_last'])
-    def from_dsets(cls, train_ds, # the training dataset
-                   valid_ds, # the validation dataset
-                   bs:int=64, # training batch size (validation uses twice as much)
+    @delegates(DataLoader.__init__, but=['dataset', 'bs', 'batch_size', 'shuffle', 'drop_last'])
+    def from_dsets(cls, *dsets, # the training dataset, then the validation one (and any others)
+                   bs:int=64, # batch size
+                   val_bs:int|None=None, # batch size of the other loaders (default: `bs`)
+                   shuffle:bool|tuple|None=None, # one value for all loaders, or one per loader (default: only training)
+                   drop_last:bool|tuple|None=None, # one value for all loaders, or one per loader (default: only training)
                    path='.', # folder for saved models
                    **kwargs):
-        "`DataLoaders` over a training and a validation dataset."
-        train = DataLoader(train_ds, bs=bs, shuffle=True, drop_last=True, **kwargs)
-        valid = DataLoader(valid_ds, bs=bs*2, shuffle=False, **kwargs)
-        return cls(train, valid, path=path)
+        "`DataLoaders` over a training and a validation dataset: the training one shuffled, unless you say otherwise."
+        def per_loader(v): return v if isinstance(v, (tuple, list)) else [v] * len(dsets)
+        default = [True] + [False] * (len(dsets) - 1)
+        shuffles = default if shuffle is None else per_loader(shuffle)
+        drops = default if drop_last is None else per_loader(drop_last)
+        sizes = [bs] + [val_bs or bs] * (len(dsets) - 1)
+        return cls(*(DataLoader(ds, bs=b, shuffle=s, drop_last=d, **kwargs)
+                     for ds, b, s, d in zip(dsets, sizes, shuffles, drops)), path=path)
 
     def __repr__(self): return f"DataLoaders({', '.join(map(repr, self.loaders))})"

@@ -491,6 +491,7 @@ class RandomErasing(Transform):
 # %% ../../nbs/05_pet_breeds.ipynb #80422e0c
 class Normalize(Transform):
     "Normalize image batches per channel with `mean` and `std`, on the batch's device; `decodes` undoes it."
+    # typed batches: every `tv_tensors.Image`; plain batches: the 4-D float tensors with a channel per statistic
     order = 99
     def __init__(self, mean=None, # per-channel means (default: measured on a training batch in `setups`)
                  std=None): # per-channel standard deviations
@@ -513,6 +514,9 @@ class Normalize(Transform):
         if key not in self._on: self._on[key] = (self.mean.to(x.device, x.dtype), self.std.to(x.device, x.dtype))
         return self._on[key]
 
+    def _is_image_batch(self, x:Tensor) -> bool:
+        return x.ndim == 4 and x.is_floating_point() and (self.mean is None or x.shape[1] == self.mean.shape[1])
+
     def encodes(self, x:tv_tensors.Image):
         if self.mean is None: raise ValueError("Normalize has no stats: pass mean and std, or set it up on a DataLoader")
         mean, std = self._stats(x)
@@ -520,9 +524,17 @@ class Normalize(Transform):
         out = empty_batch(x.shape, x.dtype, x.device)  # reused memory inside a loader (see `BatchBuffers`)
         return torch.sub(x.as_subclass(Tensor), mean, out=out).div_(std)
 
+    def encodes(self, x:Tensor):
+        # a plain batch (in-memory `DataLoaders` deliver untyped tensors): its images are the 4-D floating-point
+        # tensors with one channel per statistic; targets are left alone
+        return Normalize.encodes.lookup(tv_tensors.Image)[0](self, x) if self._is_image_batch(x) else x
+
     def decodes(self, x:tv_tensors.Image):
         mean, std = self._stats(x)
         return x * std + mean
+
+    def decodes(self, x:Tensor):
+        return Normalize.decodes.lookup(tv_tensors.Image)[0](self, x) if self._is_image_batch(x) else x
 
     def __getstate__(self): return {**self.__dict__, '_on': {}}
     def __repr__(self):

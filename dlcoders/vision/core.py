@@ -17,16 +17,17 @@ from torchvision.tv_tensors import TVTensor
 from fastcore.foundation import L
 from ..data.external import get_image_files
 from ..data.core import (Transform, ItemTransform, MultiCategorize, CategoryMap, show_funcs, show_image,
-                                show_title, get_grid)
+                                show_title, get_grid, TensorImage, TensorImageBW, TensorMask)
 from ..data.block import TransformBlock
 from ..data.load import empty_batch
-from ..losses import CrossEntropyLossFlat
+from ..losses import CrossEntropyLossFlat, MSELossFlat
 
 # %% auto #0
 __all__ = ['imagenet_stats', 'ImageReadError', 'PILBase', 'PILImage', 'PILImageBW', 'PILMask', 'image2tensor', 'verify_image',
            'verify_images', 'show_images', 'create_points', 'create_bboxes', 'SetCanvasSize', 'typed_like',
-           'TensorPoint', 'TensorBBox', 'PointScaler', 'IntToFloatTensor', 'ImageBlock', 'AddMaskCodes', 'MaskBlock',
-           'PointBlock', 'bb_pad', 'BBoxBlock', 'BBoxLblBlock', 'get_image_files', 'show_image']
+           'TensorPoint', 'TensorBBox', 'PointScaler', 'IntToFloatTensor', 'OpenImage', 'ImageBlock', 'AddMaskCodes',
+           'MaskBlock', 'PointTargets', 'PointBlock', 'bb_pad', 'BBoxBlock', 'BBoxLblBlock', 'get_image_files',
+           'show_image']
 
 # %% ../../nbs/05c_vision_core.ipynb #e3ff9ede
 imagenet_stats = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # mean and std of ImageNet's channels
@@ -61,7 +62,7 @@ def _to_pil(o) -> PIL.Image.Image:
 class PILBase(PIL.Image.Image):
     "A Pillow image that opens itself from a file, bytes, an array or a tensor, and shows itself."
     open_mode:str|None = 'RGB' # every image is converted to this mode (None: keep the file's)
-    tensor_type = tv_tensors.Image # the typed tensor it becomes
+    tensor_type = TensorImage # the typed tensor it becomes
 
     @classmethod
     def create(cls, o, # file name, bytes, array (HWC or HW), tensor (CHW or HW) or PIL image
@@ -80,7 +81,7 @@ class PILBase(PIL.Image.Image):
         elif isinstance(o, Tensor) and not o.is_floating_point() and o.ndim in (2, 3): t = o if o.ndim == 3 else o[None]
         else: t = image2tensor(cls.create(o))
         # `as_subclass` marks the type without the checks of the constructors (`t` is CHW already): a few µs per item
-        return t[0].as_subclass(tv_tensors.Mask) if cls.tensor_type is tv_tensors.Mask else t.as_subclass(cls.tensor_type)
+        return t[0].as_subclass(cls.tensor_type) if issubclass(cls.tensor_type, tv_tensors.Mask) else t.as_subclass(cls.tensor_type)
 
     @property
     def shape(self) -> tuple:
@@ -112,11 +113,12 @@ class PILImage(PILBase):
 class PILImageBW(PILImage):
     "A grey image (one channel)."
     open_mode = 'L'
+    tensor_type = TensorImageBW
 
 class PILMask(PILBase):
     "A segmentation mask: each pixel is a class index."
     open_mode = None
-    tensor_type = tv_tensors.Mask
+    tensor_type = TensorMask
     def show(self, ctx=None, **kwargs):
         "Draw the mask see-through, so that an image below it stays visible."
         return show_image(self, ctx=ctx, **{'cmap': 'tab20', 'alpha': 0.5, 'interpolation': 'nearest', **kwargs})
@@ -296,9 +298,18 @@ class IntToFloatTensor(Transform):
         return o.clamp(0, 1).mul(self.div).round_().to(torch.uint8) if o.is_floating_point() else o
 
 # %% ../../nbs/05c_vision_core.ipynb #52bd597f
+class OpenImage(Transform):
+    "A file (or array, tensor, PIL image) as the typed uint8 tensor of `cls`: `cls.create_tensor`, as a transform."
+    # a classmethod pickles by value (its code travels in an exported learner); a transform that names its class
+    # pickles by reference, so an exported vision learner holds no code
+    def __init__(self, cls:type=PILImage): self.cls = cls # the image class (`PILImage`, `PILImageBW`, `PILMask`)
+    def encodes(self, o): return self.cls.create_tensor(o)
+    @property
+    def name(self) -> str: return f"{self.cls.__name__}.create_tensor"
+
 def ImageBlock(cls:type=PILImage): # `PILImage` for colour images, `PILImageBW` for grey ones
     "The block of images read from files (or arrays, tensors, PIL images)."
-    return TransformBlock(type_tfms=cls.create_tensor, batch_tfms=IntToFloatTensor())
+    return TransformBlock(type_tfms=OpenImage(cls), batch_tfms=IntToFloatTensor())
 
 class AddMaskCodes(Transform):
     "Records the class names of a mask's values (`codes`), for `dls.vocab`, `dls.c` and the loss."
@@ -311,11 +322,19 @@ class AddMaskCodes(Transform):
 
 def MaskBlock(codes=None): # the name of each class index in the masks
     "The block of segmentation masks (one class index per pixel)."
-    return TransformBlock(type_tfms=[PILMask.create_tensor, AddMaskCodes(codes)], batch_tfms=IntToFloatTensor())
+    return TransformBlock(type_tfms=[OpenImage(PILMask), AddMaskCodes(codes)], batch_tfms=IntToFloatTensor())
+
+class PointTargets(Transform):
+    "Tells the learner what points ask of a model: `c`, two outputs per point (from the first item), and the loss."
+    def __init__(self): self.c = None
+    def setups(self, items):
+        if self.c is None and items is not None and len(items): self.c = items[0].numel()
+    @property
+    def loss_func(self): return MSELossFlat()
 
 def PointBlock():
     "The block of points (x, y in pixels of their image), predicted in [-1, 1]."
-    return TransformBlock(type_tfms=create_points, item_tfms=SetCanvasSize(), batch_tfms=PointScaler())
+    return TransformBlock(type_tfms=[create_points, PointTargets()], item_tfms=SetCanvasSize(), batch_tfms=PointScaler())
 
 # %% ../../nbs/05c_vision_core.ipynb #59e5cb1f
 def bb_pad(samples:list, # items `(image, boxes, labels, ...)`

@@ -18,11 +18,13 @@ from ..learner import Learner
 from ..optimizer import Adam
 from .core import imagenet_stats
 from .augment import Normalize
+from ..data.core import Pipeline, ItemTransform
+from fastcore.meta import delegates
 
 # %% auto #0
 __all__ = ['model_meta', 'cnn_learner', 'has_pool_type', 'adapt_conv_weights', 'create_body', 'create_head', 'weights_file',
-           'efficientnet_lite0', 'TimmBody', 'apply_init', 'create_vision_model', 'default_split', 'resnet_split',
-           'TensorNormalize', 'vision_learner']
+           'register_arch', 'efficientnet_lite0', 'TimmBody', 'apply_init', 'create_vision_model', 'default_split',
+           'resnet_split', 'vision_learner']
 
 # %% ../../nbs/15_arch_details.ipynb #379ec25c
 def _is_pool_type(m:nn.Module) -> bool: return re.search(r'Pool[123]d$', type(m).__name__) is not None
@@ -146,12 +148,18 @@ def _torchvision_model(arch, pretrained:bool) -> nn.Module:
 # %% ../../nbs/15_arch_details.ipynb #b202567c
 def _densenet_body(m:nn.Module) -> nn.Module: return nn.Sequential(m.features, nn.ReLU(inplace=True))
 
+model_meta = {}
+
+def register_arch(arch, # a model constructor
+                  cut:int|callable|None=None, # where its body ends: index of the first child to drop, or model -> body
+                  split:callable|None=None, # model -> parameter groups (default: body, then head)
+                  stats:tuple|None=imagenet_stats): # (mean, std) its pretrained weights expect
+    "Record, in one call, what `vision_learner` cannot guess about `arch`."
+    model_meta[arch] = {k: v for k, v in dict(cut=cut, split=split, stats=stats).items() if v is not None}
+    return arch
+
 _tvm = torchvision.models
-_resnets = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnext50_32x4d', 'resnext101_32x8d',
-            'resnext101_64x4d', 'wide_resnet50_2', 'wide_resnet101_2')
-model_meta = {**{getattr(_tvm, n): {'cut': -2, 'stats': imagenet_stats} for n in _resnets},
-              **{getattr(_tvm, n): {'cut': _densenet_body, 'stats': imagenet_stats}
-                 for n in ('densenet121', 'densenet161', 'densenet169', 'densenet201')}}
+for _n in ('densenet121', 'densenet161', 'densenet169', 'densenet201'): register_arch(getattr(_tvm, _n), cut=_densenet_body)
 
 def _timm():
     "The `timm` module, or None when it is not installed."
@@ -214,7 +222,7 @@ def efficientnet_lite0(pretrained:bool=True, # load the ImageNet weights shipped
                          nn.Sequential(net._conv_head, net._bn1, nn.ReLU6()),
                          nn.AdaptiveAvgPool2d(1), Flatten(), nn.Dropout(net._global_params.dropout_rate), net._fc)
 
-model_meta[efficientnet_lite0] = {'cut': 3, 'stats': imagenet_stats}
+register_arch(efficientnet_lite0, cut=3)
 
 # %% ../../nbs/15_arch_details.ipynb #027ecb4e
 def _call_arch(arch, pretrained:bool) -> nn.Module:
@@ -289,66 +297,20 @@ def resnet_split(m:nn.Module) -> list:
     "Three parameter groups for a torchvision ResNet: stem and stages 1-2, stages 3-4, head."
     return [params(m[0][:6]), params(m[0][6:]), params(m[1:])]
 
-for _n in _resnets: model_meta[getattr(_tvm, _n)]['split'] = resnet_split
-
-# %% ../../nbs/15_arch_details.ipynb #0b94df7b
-class TensorNormalize:
-    "Normalize the image batches of an untyped batch per channel with `mean` and `std`; `decode` undoes it."
-    order = 99
-    def __init__(self, mean, # per-channel means
-                 std): # per-channel standard deviations
-        self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1)
-        self.std = torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1)
-
-    @classmethod
-    def from_stats(cls, mean, std): return cls(mean, std)
-
-    def _stats(self, x:Tensor) -> tuple:
-        if self.mean.device != x.device or self.mean.dtype != x.dtype:
-            self.mean, self.std = self.mean.to(x), self.std.to(x)
-        return self.mean, self.std
-
-    def _is_image(self, x) -> bool:
-        return isinstance(x, Tensor) and x.ndim == 4 and x.is_floating_point() and x.shape[1] == self.mean.shape[1]
-
-    def encodes(self, x:Tensor) -> Tensor:
-        mean, std = self._stats(x)
-        return (x - mean) / std
-
-    def decodes(self, x:Tensor) -> Tensor:
-        mean, std = self._stats(x)
-        return x * std + mean
-
-    def _map(self, f, b):
-        if isinstance(b, (tuple, list)): return type(b)(f(o) if self._is_image(o) else o for o in b)
-        return f(b) if self._is_image(b) else b
-
-    def __call__(self, b): return self._map(self.encodes, b)
-    def decode(self, b): return self._map(self.decodes, b)
-    def __repr__(self): return f"TensorNormalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+_resnets = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnext50_32x4d', 'resnext101_32x8d',
+            'resnext101_64x4d', 'wide_resnet50_2', 'wide_resnet101_2')
+for _n in _resnets: register_arch(getattr(_tvm, _n), cut=-2, split=resnet_split)
 
 # %% ../../nbs/15_arch_details.ipynb #35694a1a
-class _BatchTfms:
-    "Functions applied to a batch one after the other (picklable, unlike a lambda)."
-    def __init__(self, *fs): self.fs = list(fs)
-    def __call__(self, b):
-        for f in self.fs: b = f(b)
-        return b
-    def __repr__(self): return f"{type(self).__name__}({', '.join(map(repr, self.fs))})"
-
-def _batch_tfm_list(tfm) -> list:
-    if tfm is None: return []
-    fs = getattr(tfm, 'fs', None)
-    return list(fs) if fs is not None else [tfm]
-
 def _add_norm(dls, mean, std):
     "Add `Normalize.from_stats(mean, std)` to the batch transforms of each loader of `dls` that doesn't normalize yet."
     for dl in dls:
         tfm = getattr(dl, 'after_batch', None)
-        if any(type(f).__name__ in ('Normalize', 'TensorNormalize') for f in _batch_tfm_list(tfm)): continue
-        if hasattr(tfm, 'add'): tfm.add(Normalize.from_stats(mean, std))  # a typed pipeline
-        elif tfm is None: dl.after_batch = TensorNormalize.from_stats(mean, std)
-        else: dl.after_batch = _BatchTfms(tfm, TensorNormalize.from_stats(mean, std))
+        if isinstance(tfm, Normalize) or any(isinstance(f, Normalize) for f in getattr(tfm, 'fs', [])): continue
+        norm = Normalize.from_stats(mean, std)
+        if isinstance(tfm, Pipeline): tfm.add(norm)
+        elif tfm is None: dl.after_batch = norm
+        else: dl.after_batch = Pipeline([ItemTransform(tfm), norm])  # a plain function gets the whole batch, as before
 
 # %% ../../nbs/15_arch_details.ipynb #29c5fe05
 def _n_out(dls, n_out):
@@ -359,23 +321,13 @@ def _n_out(dls, n_out):
                          "(number of classes). Pass `n_out=` (e.g. n_out=2 for two classes)")
     return c
 
+@delegates(Learner.__init__)
 def vision_learner(dls, # the data
                    arch, # torchvision constructor or name, timm model name, or function returning a model
                    normalize:bool=True, # add the pretrained model's normalization to the batch transforms
                    n_out:int|None=None, # number of outputs (default: `dls.c`)
                    pretrained:bool=True, # start from pretrained weights (and freeze the body)
-                   loss_func=None, # loss function (default: the one `dls` suggests)
-                   opt_func=Adam, # optimizer constructor
-                   lr:float=1e-3, # default learning rate
                    splitter=None, # model -> parameter groups (default: from `model_meta`, else `default_split`)
-                   cbs:list|None=None, # extra callbacks
-                   metrics:list|None=None, # metrics on the validation set
-                   path=None, # where models are saved (default: `dls.path`)
-                   model_dir:str='models', # subfolder of `path` for `save`/`load`
-                   wd:float|None=None, # weight decay
-                   wd_bn_bias:bool=False, # weight decay on batchnorm and bias parameters too
-                   train_bn:bool=True, # keep training batchnorm layers of a frozen body
-                   moms:tuple=(0.95, 0.85, 0.95), # momentums for `fit_one_cycle`
                    cut:int|callable|None=None, # where to cut the body
                    init=nn.init.kaiming_normal_, # init of the head
                    custom_head:nn.Module|None=None, # a head to use instead of `create_head`'s
@@ -387,7 +339,8 @@ def vision_learner(dls, # the data
                    bn_final:bool=False, # batchnorm on the outputs
                    lin_first:bool=False, # linear layers before batchnorm and dropout in the head
                    y_range:tuple|None=None, # squeeze the outputs into this range
-                   n_in:int=3) -> Learner: # number of input channels
+                   n_in:int=3, # number of input channels
+                   **kwargs) -> Learner: # passed to `Learner` (loss_func, opt_func, lr, cbs, metrics, path, wd, ...)
     "A `Learner` for image data: a pretrained body cut from `arch`, a new head with `n_out` outputs, frozen body."
     n_out = _n_out(dls, n_out)
     model = create_vision_model(arch, n_out, pretrained=pretrained, cut=cut, n_in=n_in, init=init,
@@ -399,9 +352,7 @@ def vision_learner(dls, # the data
     if normalize and pretrained:
         mean, std = _arch_stats(arch, model[0])
         if len(mean) == n_in: _add_norm(dls, mean, std)
-    learn = Learner(dls, model, loss_func=loss_func, opt_func=opt_func, lr=lr, splitter=splitter,
-                    cbs=cbs, metrics=metrics, path=path, model_dir=model_dir, wd=wd, wd_bn_bias=wd_bn_bias,
-                    train_bn=train_bn, moms=moms)
+    learn = Learner(dls, model, splitter=splitter, **kwargs)
     if pretrained: learn.freeze()
     return learn
 

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import ipywidgets as widgets
 from fastcore.foundation import L
-from ..data.external import DownloadError, download_url, image_extensions, is_offline, _is_local
+from ..data.external import DownloadError, download_url, image_extensions, is_offline, is_local_url
 from .core import PILImage, ImageReadError
 from ..interpret import ClassificationInterpretation
 from ..learner import load_learner
@@ -45,7 +45,7 @@ def download_images(dest:Path|str, # the folder to write the images into (create
         if url_file is None: raise ValueError("download_images needs `urls` or a `url_file`")
         urls = Path(url_file).read_text().splitlines()
     urls = [u.strip() for u in urls if u.strip()][:max_pics]
-    remote = [u for u in urls if not _is_local(u)]
+    remote = [u for u in urls if not is_local_url(u)]
     if remote and is_offline(): raise _offline_urls_error(remote)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
