@@ -19,6 +19,7 @@ import torch.utils.data as tud
 from dlcoders.data.load import DataLoaders
 from dlcoders.learner import Learner
 from dlcoders.optimizer import OptimWrapper, SGD
+from _common import train_epoch_seconds
 
 def mlp(): return nn.Sequential(nn.Flatten(), nn.Linear(784, 50), nn.ReLU(), nn.Linear(50, 10))
 def cnn(): return nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(),
@@ -55,15 +56,7 @@ def fit_epoch(model, x, y, bs, lr, opt_func):
     dls = DataLoaders.from_dsets((x, y), (x[:bs], y[:bs]), bs=bs, device='cpu')
     dls.train.drop_last = False
     learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss(), opt_func=opt_func, lr=lr)
-    t0 = time.perf_counter()
-    with learn.no_logging(): learn.fit(1)
-    return time.perf_counter() - t0 - _valid_time(learn, bs), len(dls.train)
-
-def _valid_time(learn, bs):
-    "Time of the one-batch validation phase, subtracted so that (c) times the training epoch like (a) and (b)."
-    t0 = time.perf_counter()
-    with learn.no_bar(), learn.no_logging(): learn.validate()
-    return time.perf_counter() - t0
+    return train_epoch_seconds(learn), len(dls.train)
 
 def main():
     parser = argparse.ArgumentParser()
