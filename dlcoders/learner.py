@@ -22,7 +22,7 @@ from .metrics import Metric, AvgMetric, AvgLoss, AvgSmoothLoss
 # %% auto #0
 __all__ = ['Learner', 'TrainEvalCallback', 'Recorder', 'GatherPredsCallback', 'concat_batches', 'SafeUnpickler', 'load_learner']
 
-# %% ../nbs/19_learner.ipynb #5d3ea66b
+# %% ../nbs/19_learner.ipynb #41fb6ccd
 def _split_batch(b, n_inp:int):
     "Split batch `b` into a tuple of inputs and a tuple of targets."
     if isinstance(b, Tensor): return (b,), ()
@@ -64,7 +64,7 @@ class Learner:
         self.train_iter, self.pct_train, self.dl = 0, 0., None
         self.xb, self.yb, self.pred, self.loss, self.loss_grad = (), (), None, None, None
         self.logger = print
-        self.cbs = []
+        self.cbs, self._tables = [], None  # the event tables are built on the first event
         if default_cbs: self.add_cbs([TrainEvalCallback(), Recorder(), ProgressCallback()])
         self.add_cbs(cbs)
         self('after_create')
@@ -80,181 +80,209 @@ class Learner:
         metrics = [] if metrics is None else metrics if isinstance(metrics, (list, tuple)) else [metrics]
         self._metrics = [m if hasattr(m, 'accumulate') else AvgMetric(m) for m in metrics]  # a `Metric`, by its protocol
 
-    # --- callbacks -------------------------------------------------------------------------
-    def add_cb(self, cb:Callback|type):
-        "Add a callback (an instance, or a class to instantiate); it becomes `self.<cb.name>`."
-        if isinstance(cb, type): cb = cb()
-        cb.learn = self
-        setattr(self, cb.name, cb)
-        self.cbs = sort_callbacks(self.cbs + [cb])
-        self._tables = None
-        return self
 
-    def add_cbs(self, cbs):
-        "Add callbacks: one, a class, or a list of either."
-        for cb in as_cbs(cbs): self.add_cb(cb)
-        return self
+# %% ../nbs/19_learner.ipynb #aeccf239
+@patch
+def add_cb(self:Learner, cb:Callback|type):
+    "Add a callback (an instance, or a class to instantiate); it becomes `self.<cb.name>`."
+    if isinstance(cb, type): cb = cb()
+    cb.learn = self
+    setattr(self, cb.name, cb)
+    self.cbs = sort_callbacks(self.cbs + [cb])
+    self._tables = None
+    return self
 
-    def remove_cb(self, cb:Callback|type):
-        "Remove a callback, or every callback of a class."
-        found = [o for o in self.cbs if o is cb or isinstance(cb, type) and isinstance(o, cb)]
-        for o in found:
-            self.cbs.remove(o)
-            o.learn = None
-            if getattr(self, o.name, None) is o: delattr(self, o.name)
-        self._tables = None
-        return self
+@patch
+def add_cbs(self:Learner, cbs):
+    "Add callbacks: one, a class, or a list of either."
+    for cb in as_cbs(cbs): self.add_cb(cb)
+    return self
 
-    def remove_cbs(self, cbs):
-        for cb in cbs: self.remove_cb(cb)
-        return self
+@patch
+def remove_cb(self:Learner, cb:Callback|type):
+    "Remove a callback, or every callback of a class."
+    found = [o for o in self.cbs if o is cb or isinstance(cb, type) and isinstance(o, cb)]
+    for o in found:
+        self.cbs.remove(o)
+        o.learn = None
+        if getattr(self, o.name, None) is o: delattr(self, o.name)
+    self._tables = None
+    return self
 
-    @contextlib.contextmanager
-    def added_cbs(self, cbs):
-        "Context manager: `cbs` are added for the duration of the block."
-        cbs = as_cbs(cbs)
-        self.add_cbs(cbs)
-        try: yield self
-        finally: self.remove_cbs(cbs)
+@patch
+def remove_cbs(self:Learner, cbs):
+    for cb in cbs: self.remove_cb(cb)
+    return self
 
-    @contextlib.contextmanager
-    def removed_cbs(self, cbs):
-        "Context manager: `cbs` are removed for the duration of the block."
-        cbs = [o for cb in (cbs if isinstance(cbs, (list, tuple)) else [cbs]) for o in self.cbs if o is cb or isinstance(cb, type) and isinstance(o, cb)]
-        self.remove_cbs(cbs)
-        try: yield self
-        finally: self.add_cbs(cbs)
+@patch
+@contextlib.contextmanager
+def added_cbs(self:Learner, cbs):
+    "Context manager: `cbs` are added for the duration of the block."
+    cbs = as_cbs(cbs)
+    self.add_cbs(cbs)
+    try: yield self
+    finally: self.remove_cbs(cbs)
 
-    def _build_tables(self, skip:tuple=()):
-        "Resolve, once, which callback methods handle each event in each phase (leaving out callbacks of types `skip`)."
-        cbs = [cb for cb in self.cbs if not isinstance(cb, skip)] if skip else self.cbs
-        self._tables = {True: event_table(cbs, True), False: event_table(cbs, False)}
-        self._events = self._tables[self.training]
+@patch
+@contextlib.contextmanager
+def removed_cbs(self:Learner, cbs):
+    "Context manager: `cbs` are removed for the duration of the block."
+    cbs = [o for cb in (cbs if isinstance(cbs, (list, tuple)) else [cbs]) for o in self.cbs if o is cb or isinstance(cb, type) and isinstance(o, cb)]
+    self.remove_cbs(cbs)
+    try: yield self
+    finally: self.add_cbs(cbs)
 
-    def __call__(self, event:str):
-        "Run the callbacks that handle `event`."
-        if self._tables is None: self._build_tables()
-        for f in self._events[event]: f()
+@patch
+def _build_tables(self:Learner, skip:tuple=()):
+    "Resolve, once, which callback methods handle each event in each phase (leaving out callbacks of types `skip`)."
+    cbs = [cb for cb in self.cbs if not isinstance(cb, skip)] if skip else self.cbs
+    self._tables = {True: event_table(cbs, True), False: event_table(cbs, False)}
+    self._events = self._tables[self.training]
 
-    def __getstate__(self):
-        # the event tables hold bound methods, which would pickle as code: they are rebuilt on the next event
-        return {**self.__dict__, '_tables': None, '_events': None}
+@patch
+def __call__(self:Learner, event:str):
+    "Run the callbacks that handle `event`."
+    if self._tables is None: self._build_tables()
+    for f in self._events[event]: f()
 
-    def _set_phase(self, training:bool):
-        self.training = training
-        if self._tables is None: self._build_tables()
-        self._events = self._tables[training]
+@patch
+def __getstate__(self:Learner):
+    # the event tables hold bound methods, which would pickle as code: they are rebuilt on the next event
+    return {**self.__dict__, '_tables': None, '_events': None}
 
-    def _with_events(self, f, name:str, exc, final=None):
-        "Run `before_<name>`, `f`, `after_<name>`; turn `exc` into `after_cancel_<name>`."
-        try:
-            self('before_' + name)
-            f()
-        except exc: self('after_cancel_' + name)
-        self('after_' + name)
-        if final is not None: final()
+@patch
+def _set_phase(self:Learner, training:bool):
+    self.training = training
+    if self._tables is None: self._build_tables()
+    self._events = self._tables[training]
 
-    # --- the loop --------------------------------------------------------------------------
-    def _backward(self): self.loss_grad.backward()
-    def _step(self): self.opt.step()
+@patch
+def _with_events(self:Learner, f, name:str, exc, final=None):
+    "Run `before_<name>`, `f`, `after_<name>`; turn `exc` into `after_cancel_<name>`."
+    try:
+        self('before_' + name)
+        f()
+    except exc: self('after_cancel_' + name)
+    self('after_' + name)
+    if final is not None: final()
 
-    def _do_grad_opt(self):
-        self._with_events(self._backward, 'backward', CancelBackwardException)
-        self._with_events(self._step, 'step', CancelStepException)
-        self.opt.zero_grad()
+# %% ../nbs/19_learner.ipynb #e7d5761f
+@patch
+def _backward(self:Learner): self.loss_grad.backward()
+@patch
+def _step(self:Learner): self.opt.step()
 
-    def _do_one_batch(self):
-        self.pred = self.model(*self.xb)
-        self('after_pred')
-        if self.yb:
-            self.loss_grad = self.loss_func(self.pred, *self.yb)
-            self.loss = self.loss_grad.detach()
-        self('after_loss')
-        if self.training and self.yb: self._do_grad_opt()
+@patch
+def _do_grad_opt(self:Learner):
+    self._with_events(self._backward, 'backward', CancelBackwardException)
+    self._with_events(self._step, 'step', CancelStepException)
+    self.opt.zero_grad()
 
-    def one_batch(self, i:int, b):
-        "Train (or evaluate) on batch `b`, the `i`-th of the epoch."
-        self.iter = i
-        self.xb, self.yb = _split_batch(b, self._n_inp)
-        self._with_events(self._do_one_batch, 'batch', CancelBatchException)
+@patch
+def _do_one_batch(self:Learner):
+    self.pred = self.model(*self.xb)
+    self('after_pred')
+    if self.yb:
+        self.loss_grad = self.loss_func(self.pred, *self.yb)
+        self.loss = self.loss_grad.detach()
+    self('after_loss')
+    if self.training and self.yb: self._do_grad_opt()
 
-    def all_batches(self):
-        self.n_iter = len(self.dl)
-        for i, b in enumerate(self.dl): self.one_batch(i, b)
+@patch
+def one_batch(self:Learner, i:int, b):
+    "Train (or evaluate) on batch `b`, the `i`-th of the epoch."
+    self.iter = i
+    self.xb, self.yb = _split_batch(b, self._n_inp)
+    self._with_events(self._do_one_batch, 'batch', CancelBatchException)
 
-    def _do_epoch_train(self):
-        self.dl = self.dls.train
-        self._set_phase(True)
-        self._with_events(self.all_batches, 'train', CancelTrainException)
+@patch
+def all_batches(self:Learner):
+    self.n_iter = len(self.dl)
+    for i, b in enumerate(self.dl): self.one_batch(i, b)
 
-    def _do_epoch_validate(self, ds_idx:int=1, dl=None):
-        self.dl = self.dls[ds_idx] if dl is None else dl
-        self._set_phase(False)
-        with torch.no_grad(): self._with_events(self.all_batches, 'validate', CancelValidException)
+@patch
+def _do_epoch_train(self:Learner):
+    self.dl = self.dls.train
+    self._set_phase(True)
+    self._with_events(self.all_batches, 'train', CancelTrainException)
 
-    def _validation_pass(self, dl):
-        "A validation pass outside `fit` (for `validate`, `get_preds`, `predict`): no progress bar, no logging."
-        self._prepare_pass(skip=(ProgressCallback,))
-        old_logger, self.logger = self.logger, _Noop()
-        try: self._do_epoch_validate(dl=dl)
+@patch
+def _do_epoch_validate(self:Learner, ds_idx:int=1, dl=None):
+    self.dl = self.dls[ds_idx] if dl is None else dl
+    self._set_phase(False)
+    with torch.no_grad(): self._with_events(self.all_batches, 'validate', CancelValidException)
+
+@patch
+def _validation_pass(self:Learner, dl):
+    "A validation pass outside `fit` (for `validate`, `get_preds`, `predict`): no progress bar, no logging."
+    self._prepare_pass(skip=(ProgressCallback,))
+    old_logger, self.logger = self.logger, _Noop()
+    try: self._do_epoch_validate(dl=dl)
+    except BaseException:
+        self('after_cancel_validate')  # on an error, callbacks still clean up
+        raise
+    finally:
+        self.logger = old_logger
+        self._end_cleanup()
+        self._tables = None  # the next pass builds complete tables again
+
+@patch
+def _do_epoch(self:Learner):
+    self._do_epoch_train()
+    self._do_epoch_validate()
+
+@patch
+def _do_fit(self:Learner):
+    for epoch in range(self.n_epoch):
+        self.epoch = epoch
+        self._with_events(self._do_epoch, 'epoch', CancelEpochException)
+
+@patch
+def _prepare_pass(self:Learner, skip:tuple=()):
+    "Resolve what stays fixed during a pass: the number of inputs per batch, the event tables, the loss's device."
+    self._n_inp = getattr(self.dls, 'n_inp', 1)
+    if hasattr(self.loss_func, 'to'): self.loss_func.to(self.dls.device)  # e.g. class weights
+    self._build_tables(skip)
+
+@patch
+def _end_cleanup(self:Learner):
+    "Drop references to the last batch so that memory is freed between fits."
+    self.dl, self.xb, self.yb, self.pred, self.loss, self.loss_grad = None, (), (), None, None, None
+
+# %% ../nbs/19_learner.ipynb #fa9dc57a
+@patch
+def create_opt(self:Learner):
+    "Build the optimizer over the splitter's parameter groups."
+    self.opt = self.opt_func(self.splitter(self.model), lr=self.lr)
+    if isinstance(self.opt, Optimizer):
+        if not self.wd_bn_bias:
+            for p in norm_bias_params(self.model): self.opt.state[p]['do_wd'] = False
+        if self.train_bn:
+            for p in bn_params(self.model): self.opt.state[p]['force_train'] = True
+
+@patch
+def fit(self:Learner, n_epoch:int, # number of epochs
+        lr:float|None=None, # learning rate (default: `self.lr`)
+        wd:float|None=None, # weight decay (default: `self.wd`, else the optimizer's)
+        cbs:list|None=None, # callbacks for this fit only: one, a class, or a list of either
+        reset_opt:bool=False): # start from a fresh optimizer
+    "Train for `n_epoch` epochs."
+    if n_epoch <= 0: return  # nothing to train: no events, no optimizer, no change
+    with self.added_cbs(cbs):
+        if reset_opt or self.opt is None: self.create_opt()
+        wd = self.wd if wd is None else wd
+        if wd is not None: self.opt.set_hypers(wd=wd)
+        self.opt.set_hypers(lr=self.lr if lr is None else lr)
+        self.n_epoch = n_epoch
+        self._prepare_pass()
+        try: self._with_events(self._do_fit, 'fit', CancelFitException, self._end_cleanup)
         except BaseException:
-            self('after_cancel_validate')  # on an error, callbacks still clean up
-            raise
-        finally:
-            self.logger = old_logger
+            # an interrupt or an error: let callbacks close bars and leave autocast, so the learner can fit
+            # and save again
+            self('after_cancel_fit')
+            self('after_fit')
             self._end_cleanup()
-            self._tables = None  # the next pass builds complete tables again
-
-    def _do_epoch(self):
-        self._do_epoch_train()
-        self._do_epoch_validate()
-
-    def _do_fit(self):
-        for epoch in range(self.n_epoch):
-            self.epoch = epoch
-            self._with_events(self._do_epoch, 'epoch', CancelEpochException)
-
-    def _prepare_pass(self, skip:tuple=()):
-        "Resolve what stays fixed during a pass: the number of inputs per batch, the event tables, the loss's device."
-        self._n_inp = getattr(self.dls, 'n_inp', 1)
-        if hasattr(self.loss_func, 'to'): self.loss_func.to(self.dls.device)  # e.g. class weights
-        self._build_tables(skip)
-
-    def _end_cleanup(self):
-        "Drop references to the last batch so that memory is freed between fits."
-        self.dl, self.xb, self.yb, self.pred, self.loss, self.loss_grad = None, (), (), None, None, None
-
-    def create_opt(self):
-        "Build the optimizer over the splitter's parameter groups."
-        self.opt = self.opt_func(self.splitter(self.model), lr=self.lr)
-        if isinstance(self.opt, Optimizer):
-            if not self.wd_bn_bias:
-                for p in norm_bias_params(self.model): self.opt.state[p]['do_wd'] = False
-            if self.train_bn:
-                for p in bn_params(self.model): self.opt.state[p]['force_train'] = True
-
-    def fit(self, n_epoch:int, # number of epochs
-            lr:float|None=None, # learning rate (default: `self.lr`)
-            wd:float|None=None, # weight decay (default: `self.wd`, else the optimizer's)
-            cbs:list|None=None, # callbacks for this fit only: one, a class, or a list of either
-            reset_opt:bool=False): # start from a fresh optimizer
-        "Train for `n_epoch` epochs."
-        if n_epoch <= 0: return  # nothing to train: no events, no optimizer, no change
-        with self.added_cbs(cbs):
-            if reset_opt or self.opt is None: self.create_opt()
-            wd = self.wd if wd is None else wd
-            if wd is not None: self.opt.set_hypers(wd=wd)
-            self.opt.set_hypers(lr=self.lr if lr is None else lr)
-            self.n_epoch = n_epoch
-            self._prepare_pass()
-            try: self._with_events(self._do_fit, 'fit', CancelFitException, self._end_cleanup)
-            except BaseException:
-                # an interrupt or an error: let callbacks close bars and leave autocast, so the learner can fit
-                # and save again
-                self('after_cancel_fit')
-                self('after_fit')
-                self._end_cleanup()
-                raise
+            raise
 
 # %% ../nbs/19_learner.ipynb #a00086f3
 class TrainEvalCallback(Callback):

@@ -14,7 +14,7 @@ from torch.utils.data import default_collate
 from torchvision import tv_tensors
 from torchvision.tv_tensors import TVTensor
 from torchvision.transforms.v2 import functional as TF
-from fastcore.basics import fastuple
+from fastcore.basics import fastuple, patch
 from fastcore.foundation import L
 from fastcore.meta import delegates
 from ..torch_core import to_device, to_cpu
@@ -672,7 +672,7 @@ def test_set(dsets:Datasets|TfmdLists, # the data whose validation transforms to
 
 test_set.__test__ = False  # the name is fastai's; this tells pytest it is not a test
 
-# %% ../../nbs/11_midlevel_data.ipynb #10f46ba2
+# %% ../../nbs/11_midlevel_data.ipynb #bfa3f9da
 class _TensorType:
     "A typed tensor's class and metadata."
     __slots__ = ('cls', 'meta')
@@ -732,23 +732,7 @@ class _TypedCollate:
     def __init__(self, collate): self.collate = collate
     def __call__(self, items): return self.collate(items), _type_tree(items[0])
 
-class _RepeatItem:
-    "`n` reads of item `i` of `ds` (to show the random variations of one item)."
-    def __init__(self, ds, i:int, n:int):
-        self.ds, self.i, self.n = ds, i, n
-        self.split_idx, self.n_inp = getattr(ds, 'split_idx', None), getattr(ds, 'n_inp', None)
-    def __len__(self): return self.n
-    def __getitem__(self, _): return self.ds[self.i]
-
-def _as_label(o):
-    "`o` as a short text when it is a label (class, classes, a few numbers), else None."
-    if isinstance(o, str): return str(o)
-    if isinstance(o, list): return ';'.join(map(str, o))
-    if isinstance(o, (int, float)): return f'{o:.3g}'
-    if isinstance(o, Tensor) and type(o) is Tensor and o.numel() <= 4:
-        return ', '.join(f'{v:.3g}' for v in o.flatten().tolist())
-    return None
-
+# %% ../../nbs/11_midlevel_data.ipynb #5cc208ba
 class TfmdDL(DataLoader):
     "A `DataLoader` whose hooks are `Pipeline`s, which gives plain tensors to the model and can decode and show batches."
     @delegates(DataLoader.__init__)
@@ -825,57 +809,79 @@ class TfmdDL(DataLoader):
 
     def __getstate__(self): return {**self.__dict__, '_loader': None}
 
-    def decode(self, b):
-        "Undo `after_batch` and `before_batch` on `b` (a batch from this loader), with its types restored, on the CPU."
-        if not self._types_known: self._one_pass()
-        b = _to_cpu_typed(self.after_batch.decode(retype(b, self._types)))
-        return self.before_batch.decode(b)
+# %% ../../nbs/11_midlevel_data.ipynb #c579c4fc
+class _RepeatItem:
+    "`n` reads of item `i` of `ds` (to show the random variations of one item)."
+    def __init__(self, ds, i:int, n:int):
+        self.ds, self.i, self.n = ds, i, n
+        self.split_idx, self.n_inp = getattr(ds, 'split_idx', None), getattr(ds, 'n_inp', None)
+    def __len__(self): return self.n
+    def __getitem__(self, _): return self.ds[self.i]
 
-    def decode_batch(self, b, # a batch from this loader
-                     max_n:int=9, # decode at most this many items
-                     full:bool=True) -> list: # decode fully (else stop at showable types)
-        "The first `max_n` items of `b`, decoded down to displayable values (class names, images...)."
-        items = [self.after_item.decode(o) for o in _unbatch(self.decode(b), max_n)]
-        dec = getattr(self.dataset, 'decode', None)
-        return items if dec is None else [dec(o, full=full) for o in items]
+def _as_label(o):
+    "`o` as a short text when it is a label (class, classes, a few numbers), else None."
+    if isinstance(o, str): return str(o)
+    if isinstance(o, list): return ';'.join(map(str, o))
+    if isinstance(o, (int, float)): return f'{o:.3g}'
+    if isinstance(o, Tensor) and type(o) is Tensor and o.numel() <= 4:
+        return ', '.join(f'{v:.3g}' for v in o.flatten().tolist())
+    return None
 
-    def show_batch(self, b=None, # a batch from this loader (default: `one_batch()`)
-                   max_n:int=9, # show at most this many items
-                   ctxs:list|None=None, # axes to draw on (default: a new grid)
-                   show:bool=True, # draw (else only return the decoded items)
-                   unique:bool=False, # show one item `max_n` times, to see random augmentation
-                   nrows:int|None=None, ncols:int|None=None, figsize:tuple|None=None, # the grid's shape
-                   **kwargs): # passed to each item's drawing function
-        "Draw the decoded items of a batch on a grid; returns the axes (or the items when not `show`)."
-        if unique:
-            dl = self.new(_RepeatItem(self.dataset, 0, max_n), bs=max_n, shuffle=False, drop_last=False, num_workers=0)
-            b = dl.one_batch()
-        elif b is None: b = self.one_batch()
-        items = self.decode_batch(b, max_n)
-        if not show: return items
-        if ctxs is None: ctxs = get_grid(len(items), nrows=nrows, ncols=ncols, figsize=figsize)
-        return [show_item(o, ctx=ctx, **kwargs) for o, ctx in zip(items, ctxs)]
+@patch
+def decode(self:TfmdDL, b):
+    "Undo `after_batch` and `before_batch` on `b` (a batch from this loader), with its types restored, on the CPU."
+    if not self._types_known: self._one_pass()
+    b = _to_cpu_typed(self.after_batch.decode(retype(b, self._types)))
+    return self.before_batch.decode(b)
 
-    def show_results(self, b, # a batch from this loader (inputs and targets)
-                     out, # the decoded predictions for `b` (e.g. `get_preds(with_decoded=True)`'s last element)
-                     max_n:int=9, ctxs:list|None=None, show:bool=True,
-                     nrows:int|None=None, ncols:int|None=None, figsize:tuple|None=None, **kwargs):
-        "Draw inputs with their targets and predictions (a label: 'target / prediction', green when right)."
-        n_inp = self.n_inp
-        b = tuple(b)
-        outs = tuple(out) if _is_tuple(out) else (out,)
-        items = self.decode_batch(b, max_n)
-        preds = self.decode_batch(b[:n_inp] + outs, max_n)
-        if not show: return items, preds
-        if ctxs is None: ctxs = get_grid(len(items), nrows=nrows, ncols=ncols, figsize=figsize)
-        for item, pred, ctx in zip(items, preds, ctxs):
-            show_item(item[:n_inp], ctx=ctx, **kwargs)
-            targ, p = item[n_inp:], pred[n_inp:]
-            lt, lp = [_as_label(o) for o in targ], [_as_label(o) for o in p]
-            if all(o is not None for o in lt + lp):
-                show_title(f"{' '.join(lt)} / {' '.join(lp)}", ctx=ctx, color='green' if lt == lp else 'red')
-            else: show_item(p, ctx=ctx, **kwargs)
-        return ctxs
+@patch
+def decode_batch(self:TfmdDL, b, # a batch from this loader
+                 max_n:int=9, # decode at most this many items
+                 full:bool=True) -> list: # decode fully (else stop at showable types)
+    "The first `max_n` items of `b`, decoded down to displayable values (class names, images...)."
+    items = [self.after_item.decode(o) for o in _unbatch(self.decode(b), max_n)]
+    dec = getattr(self.dataset, 'decode', None)
+    return items if dec is None else [dec(o, full=full) for o in items]
+
+@patch
+def show_batch(self:TfmdDL, b=None, # a batch from this loader (default: `one_batch()`)
+               max_n:int=9, # show at most this many items
+               ctxs:list|None=None, # axes to draw on (default: a new grid)
+               show:bool=True, # draw (else only return the decoded items)
+               unique:bool=False, # show one item `max_n` times, to see random augmentation
+               nrows:int|None=None, ncols:int|None=None, figsize:tuple|None=None, # the grid's shape
+               **kwargs): # passed to each item's drawing function
+    "Draw the decoded items of a batch on a grid; returns the axes (or the items when not `show`)."
+    if unique:
+        dl = self.new(_RepeatItem(self.dataset, 0, max_n), bs=max_n, shuffle=False, drop_last=False, num_workers=0)
+        b = dl.one_batch()
+    elif b is None: b = self.one_batch()
+    items = self.decode_batch(b, max_n)
+    if not show: return items
+    if ctxs is None: ctxs = get_grid(len(items), nrows=nrows, ncols=ncols, figsize=figsize)
+    return [show_item(o, ctx=ctx, **kwargs) for o, ctx in zip(items, ctxs)]
+
+@patch
+def show_results(self:TfmdDL, b, # a batch from this loader (inputs and targets)
+                 out, # the decoded predictions for `b` (e.g. `get_preds(with_decoded=True)`'s last element)
+                 max_n:int=9, ctxs:list|None=None, show:bool=True,
+                 nrows:int|None=None, ncols:int|None=None, figsize:tuple|None=None, **kwargs):
+    "Draw inputs with their targets and predictions (a label: 'target / prediction', green when right)."
+    n_inp = self.n_inp
+    b = tuple(b)
+    outs = tuple(out) if _is_tuple(out) else (out,)
+    items = self.decode_batch(b, max_n)
+    preds = self.decode_batch(b[:n_inp] + outs, max_n)
+    if not show: return items, preds
+    if ctxs is None: ctxs = get_grid(len(items), nrows=nrows, ncols=ncols, figsize=figsize)
+    for item, pred, ctx in zip(items, preds, ctxs):
+        show_item(item[:n_inp], ctx=ctx, **kwargs)
+        targ, p = item[n_inp:], pred[n_inp:]
+        lt, lp = [_as_label(o) for o in targ], [_as_label(o) for o in p]
+        if all(o is not None for o in lt + lp):
+            show_title(f"{' '.join(lt)} / {' '.join(lp)}", ctx=ctx, color='green' if lt == lp else 'red')
+        else: show_item(p, ctx=ctx, **kwargs)
+    return ctxs
 
 # %% ../../nbs/11_midlevel_data.ipynb #01447ea0
 class TfmdDataLoaders(DataLoaders):
