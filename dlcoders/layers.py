@@ -10,8 +10,8 @@ from torch import nn, Tensor
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['Lambda', 'Flatten', 'AdaptiveConcatPool2d', 'sigmoid_range', 'SigmoidRange', 'init_default', 'LinBnDrop', 'NormType',
-           'BatchNorm', 'InstanceNorm', 'ConvLayer', 'AdaptiveAvgPool', 'MaxPool', 'AvgPool']
+__all__ = ['Lambda', 'noop', 'Flatten', 'AdaptiveConcatPool2d', 'sigmoid_range', 'SigmoidRange', 'init_default', 'LinBnDrop',
+           'NormType', 'BatchNorm', 'InstanceNorm', 'ConvLayer', 'AdaptiveAvgPool', 'MaxPool', 'AvgPool']
 
 # %% ../nbs/15a_layers.ipynb #fcb92e98
 class Lambda(nn.Module):
@@ -21,6 +21,11 @@ class Lambda(nn.Module):
         self.func = func
     def forward(self, x): return self.func(x)
     def __repr__(self): return f"{type(self).__name__}({getattr(self.func, '__name__', self.func)})"
+
+# %% ../nbs/15a_layers.ipynb #9d4f2a71
+def noop(x=None, *args, **kwargs):
+    "Return `x` unchanged (extra arguments are ignored): a placeholder for an optional layer."
+    return x
 
 # %% ../nbs/15a_layers.ipynb #c5ff1a7b
 class Flatten(nn.Module):

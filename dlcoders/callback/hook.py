@@ -17,11 +17,12 @@ __all__ = ['Hook', 'hook_output', 'HookBwd', 'Hooks', 'hook_outputs', 'in_channe
 class Hook:
     "Run `hook_func` each time `m` runs forward (or backward) and keep its result in `stored`."
     def __init__(self, m:nn.Module, # the module to watch
-                 hook_func, # `(module, input, output)`, or `(module, grad_input, grad_output)` backward -> what to store
+                 hook_func=None, # `(module, input, output)` (backward: gradients) -> what to store; default: the output
                  is_forward:bool=True, # watch the forward pass (activations) or the backward pass (gradients)
                  detach:bool=True, # detach what `hook_func` receives from the autograd graph
                  cpu:bool=False): # move what `hook_func` returns to the CPU
-        self.hook_func, self.detach, self.cpu = hook_func, detach, cpu
+        self.hook_func = _output if hook_func is None else hook_func
+        self.detach, self.cpu = detach, cpu
         register = m.register_forward_hook if is_forward else m.register_full_backward_hook
         self.handle = register(self.hook_fn)
         self.stored, self.removed = None, False

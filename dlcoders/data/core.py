@@ -550,13 +550,14 @@ def _image_array(im):
 
 def show_image(im, # a PIL image, or an image tensor (CHW or HW, uint8 or float in [0, 1])
                ctx=None, # the matplotlib axes to draw on (default: new ones)
+               ax=None, # the same as `ctx` (the name the book uses)
                figsize=None, # size of new axes
                title:str|None=None, # a title
                cmap:str|None=None, # color map (default: grey for one channel)
                **kwargs): # passed to `imshow`
     "Draw an image on `ctx`, without axis ticks; return the axes."
     arr = _image_array(im)
-    if ctx is None: ctx = _new_axes(figsize)
+    if ctx is None: ctx = ax if ax is not None else _new_axes(figsize)
     ctx.imshow(arr, cmap=cmap or ('gray' if arr.ndim == 2 else None), **kwargs)
     if title is not None: ctx.set_title(title)
     ctx.axis('off')
@@ -880,7 +881,10 @@ def show_results(self:TfmdDL, b, # a batch from this loader (inputs and targets)
         lt, lp = [_as_label(o) for o in targ], [_as_label(o) for o in p]
         if all(o is not None for o in lt + lp):
             show_title(f"{' '.join(lt)} / {' '.join(lp)}", ctx=ctx, color='green' if lt == lp else 'red')
-        else: show_item(p, ctx=ctx, **kwargs)
+        else:
+            if all(isinstance(o, (tv_tensors.KeyPoints, tv_tensors.BoundingBoxes)) for o in targ):
+                show_item(targ, ctx=ctx, **{**kwargs, 'color': 'lime'})  # true points or boxes in green, under the predictions
+            show_item(p, ctx=ctx, **kwargs)
     return ctxs
 
 # %% ../../nbs/11_midlevel_data.ipynb #01447ea0

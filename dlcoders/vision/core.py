@@ -26,8 +26,8 @@ from ..losses import CrossEntropyLossFlat, MSELossFlat
 __all__ = ['imagenet_stats', 'ImageReadError', 'PILBase', 'PILImage', 'PILImageBW', 'PILMask', 'image2tensor', 'verify_image',
            'verify_images', 'show_images', 'create_points', 'create_bboxes', 'SetCanvasSize', 'typed_like',
            'TensorPoint', 'TensorBBox', 'PointScaler', 'IntToFloatTensor', 'OpenImage', 'ImageBlock', 'AddMaskCodes',
-           'MaskBlock', 'PointTargets', 'PointBlock', 'bb_pad', 'BBoxBlock', 'BBoxLblBlock', 'get_image_files',
-           'show_image']
+           'MaskBlock', 'PointTargets', 'PointBlock', 'bb_pad', 'BBoxBlock', 'DropPadLabels', 'BBoxLblBlock',
+           'get_image_files', 'show_image']
 
 # %% ../../nbs/05c_vision_core.ipynb #e3ff9ede
 imagenet_stats = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # mean and std of ImageNet's channels
@@ -356,10 +356,16 @@ def BBoxBlock():
     return TransformBlock(type_tfms=create_bboxes, item_tfms=SetCanvasSize(), batch_tfms=PointScaler(),
                           dls_kwargs={'before_batch': bb_pad})
 
+class DropPadLabels(Transform):
+    "Decoding only: drop the labels of padding boxes (index `pad_idx`), so that a shown item lists its real boxes' labels."
+    order = 2  # after `MultiCategorize`, so it decodes first, while the labels are still indices
+    def __init__(self, pad_idx:int=0): self.pad_idx = pad_idx # the label index that `bb_pad` gives padding boxes
+    def decodes(self, o:Tensor): return o[o != self.pad_idx] if o.ndim == 1 else o
+
 def BBoxLblBlock(vocab=None, # the classes (default: learned from the labels)
                  add_na:bool=True): # add the '#na#' class that padding boxes get
     "The block of the labels of bounding boxes, one per box, as class indices."
-    return TransformBlock(type_tfms=MultiCategorize(vocab=vocab, add_na=add_na))
+    return TransformBlock(type_tfms=[MultiCategorize(vocab=vocab, add_na=add_na), DropPadLabels()])
 
 # %% ../../nbs/05c_vision_core.ipynb #ecd89112
 _all_ = ['get_image_files', 'show_image']

@@ -24,7 +24,7 @@ from fastcore.meta import delegates
 # %% auto #0
 __all__ = ['model_meta', 'cnn_learner', 'has_pool_type', 'adapt_conv_weights', 'create_body', 'create_head', 'weights_file',
            'register_arch', 'efficientnet_lite0', 'TimmBody', 'apply_init', 'create_vision_model', 'default_split',
-           'resnet_split', 'vision_learner']
+           'resnet_split', 'vision_learner', 'unet_learner']
 
 # %% ../../nbs/15_arch_details.ipynb #379ec25c
 def _is_pool_type(m:nn.Module) -> bool: return re.search(r'Pool[123]d$', type(m).__name__) is not None
@@ -153,9 +153,11 @@ model_meta = {}
 def register_arch(arch, # a model constructor
                   cut:int|callable|None=None, # where its body ends: index of the first child to drop, or model -> body
                   split:callable|None=None, # model -> parameter groups (default: body, then head)
-                  stats:tuple|None=imagenet_stats): # (mean, std) its pretrained weights expect
-    "Record, in one call, what `vision_learner` cannot guess about `arch`."
-    model_meta[arch] = {k: v for k, v in dict(cut=cut, split=split, stats=stats).items() if v is not None}
+                  stats:tuple|None=imagenet_stats, # (mean, std) its pretrained weights expect
+                  unet_cut:int|callable|None=None): # where `unet_learner` cuts it, when not at `cut`
+    "Record, in one call, what `vision_learner` and `unet_learner` cannot guess about `arch`."
+    meta = dict(cut=cut, split=split, stats=stats, unet_cut=unet_cut)
+    model_meta[arch] = {k: v for k, v in meta.items() if v is not None}
     return arch
 
 _tvm = torchvision.models
@@ -222,7 +224,8 @@ def efficientnet_lite0(pretrained:bool=True, # load the ImageNet weights shipped
                          nn.Sequential(net._conv_head, net._bn1, nn.ReLU6()),
                          nn.AdaptiveAvgPool2d(1), Flatten(), nn.Dropout(net._global_params.dropout_rate), net._fc)
 
-register_arch(efficientnet_lite0, cut=3)
+# its last 1x1 conv (320 -> 1280 channels) only feeds the classifier: a U-Net starts below it
+register_arch(efficientnet_lite0, cut=3, unet_cut=2)
 
 # %% ../../nbs/15_arch_details.ipynb #027ecb4e
 def _call_arch(arch, pretrained:bool) -> nn.Module:
@@ -357,3 +360,44 @@ def vision_learner(dls, # the data
     return learn
 
 cnn_learner = vision_learner
+
+# %% ../../nbs/15_arch_details.ipynb #3272e8b4
+from .models.unet import DynamicUnet
+
+def _arch_body(arch, pretrained:bool, cut, n_in:int) -> nn.Module:
+    "The body of `arch` (resolved by `_resolve_arch`) for a U-Net: cut at `cut`, else `model_meta`'s `unet_cut` or `cut`."
+    if isinstance(arch, str): return _timm_body(arch, pretrained, n_in)[0]
+    if cut is None: cut = _meta(arch).get('unet_cut', _meta(arch).get('cut'))
+    return create_body(_call_arch(arch, pretrained), n_in, pretrained, cut)
+
+@delegates(Learner.__init__)
+def unet_learner(dls, # the data: images and masks
+                 arch, # torchvision constructor or name, timm model name, or function returning a model
+                 normalize:bool=True, # add the pretrained model's normalization to the batch transforms
+                 n_out:int|None=None, # output channels per pixel (default: `dls.c`, the number of codes)
+                 pretrained:bool=True, # start from pretrained weights (and freeze the body)
+                 splitter=None, # model -> parameter groups (default: from `model_meta`, else `default_split`)
+                 cut:int|callable|None=None, # where to cut the body
+                 n_in:int=3, # number of input channels
+                 img_size:tuple|None=None, # (height, width) to size the decoder on (default: a batch of `dls`)
+                 blur:bool=False, # blur after each pixel shuffle but the last
+                 blur_final:bool=True, # blur after the last pixel shuffle
+                 self_attention:bool=False, # self-attention in the decoder
+                 y_range:tuple|None=None, # squeeze the outputs into this range
+                 last_cross:bool=True, # the last convs also see the input image
+                 act_cls=nn.ReLU, # activation of the decoder
+                 **kwargs) -> Learner: # passed to `Learner` (loss_func, opt_func, lr, cbs, metrics, path, wd, ...)
+    "A `Learner` for segmentation: a `DynamicUnet` on a body cut from `arch`, with `n_out` outputs per pixel."
+    n_out = _n_out(dls, n_out)
+    arch = _resolve_arch(arch)
+    body = _arch_body(arch, pretrained, cut, n_in)
+    if img_size is None: img_size = dls.one_batch()[0].shape[-2:]
+    model = DynamicUnet(body, n_out, tuple(img_size), blur=blur, blur_final=blur_final, self_attention=self_attention,
+                        y_range=y_range, last_cross=last_cross, act_cls=act_cls).to(dls.device)
+    splitter = splitter or (_meta(arch).get('split') if cut is None else None) or default_split
+    if normalize and pretrained:
+        mean, std = _arch_stats(arch, body)
+        if len(mean) == n_in: _add_norm(dls, mean, std)
+    learn = Learner(dls, model, splitter=splitter, **kwargs)
+    if pretrained: learn.freeze()
+    return learn
