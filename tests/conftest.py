@@ -100,3 +100,39 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+CHROMIUM = os.environ.get('DLCODERS_CHROMIUM', '/usr/bin/chromium')
+CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
+                 '--disable-sync', '--no-first-run', '--disable-dev-shm-usage']
+
+
+@pytest.fixture(scope='session')
+def browser():
+    "Debian's headless chromium through Playwright, one for the whole run: Playwright's sync API allows one at a time."
+    from playwright.sync_api import sync_playwright  # a dev requirement
+    if not Path(CHROMIUM).exists(): pytest.fail(f'{CHROMIUM} is missing: apt-get install -y chromium')
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try: yield b
+        finally: b.close()
+
+
+@pytest.fixture(scope='session')
+def pets(mirror):
+    "The pets sample's image folder, from the mirror."
+    mp = pytest.MonkeyPatch()
+    mp.setenv('DLCODERS_DATA_URL', mirror.as_uri())
+    mp.setenv('DLCODERS_OFFLINE', '1')
+    try: yield ext.untar_data(ext.URLs.PETS)/'images'
+    finally: mp.undo()
+
+
+def breeds_block(size:int=64):
+    "A DataBlock of the pets' breeds (from the file names), seeded 80/20 split, resized to `size`."
+    from dlcoders.data.block import CategoryBlock, DataBlock, RandomSplitter, RegexLabeller, using_attr
+    from dlcoders.vision.augment import Resize
+    from dlcoders.vision.core import ImageBlock
+    return DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=ext.get_image_files,
+                     get_y=using_attr(RegexLabeller(r'^(.+)_\d+\.jpg$'), 'name'),
+                     splitter=RandomSplitter(seed=42), item_tfms=Resize(size))

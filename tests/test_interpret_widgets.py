@@ -6,34 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from dlcoders.callback.schedule import fine_tune  # noqa: F401 (adds Learner.fine_tune)
-from dlcoders.data.block import DataBlock, CategoryBlock, RandomSplitter, RegexLabeller, using_attr
-from dlcoders.data.external import DownloadError, URLs, get_image_files, untar_data
+from conftest import breeds_block
+from dlcoders.data.external import DownloadError, get_image_files
 from dlcoders.interpret import ClassificationInterpretation, Interpretation
 from dlcoders.metrics import error_rate
 from dlcoders.torch_core import set_seed
-from dlcoders.vision.augment import Resize
-from dlcoders.vision.core import ImageBlock
 from dlcoders.vision.learner import efficientnet_lite0, vision_learner
 from dlcoders.vision.widgets import ImageClassifierCleaner, classifier_app, classify_bytes, download_images
 
 
 @pytest.fixture(scope='module')
-def pets(mirror):
-    "The pets sample's image folder, from the mirror."
-    mp = pytest.MonkeyPatch()
-    mp.setenv('DLCODERS_DATA_URL', mirror.as_uri())
-    mp.setenv('DLCODERS_OFFLINE', '1')
-    try: yield untar_data(URLs.PETS)/'images'
-    finally: mp.undo()
-
-
-@pytest.fixture(scope='module')
 def learn(pets):
     "EfficientNet-Lite0 fine-tuned for one epoch on the three breeds at 64 px."
-    block = DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=get_image_files,
-                      get_y=using_attr(RegexLabeller(r'^(.+)_\d+\.jpg$'), 'name'),
-                      splitter=RandomSplitter(seed=42), item_tfms=Resize(64))
+    block = breeds_block(64)
     dls = block.dataloaders(pets, bs=16, num_workers=0)
     set_seed(42)
     learn = vision_learner(dls, efficientnet_lite0, metrics=error_rate)

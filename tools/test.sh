@@ -2,7 +2,8 @@
 # The project's one test command (`make test` calls this). It fails when:
 #   the library in dlcoders/ is out of step with the notebooks (nbdev_export changes it),
 #   a notebook is not clean (nbdev_clean changes it), README.md is out of step with nbs/index.ipynb,
-#   any notebook cell fails (nbdev_test), or any pytest test fails.
+#   any notebook cell fails (run like nbdev_test, by tools/run_nbs.py), the docs site does not build (make docs),
+#   or any pytest test fails (tests/test_docs_site.py reads that site in headless chromium).
 # Data: DLCODERS_DATA_URL if set; else ../shared/data/mirror if present; else a mirror built from the public host.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,10 +49,15 @@ fi
 echo "== README.md in step with nbs/index.ipynb?"
 python tools/make_readme.py --check
 
-echo "== nbdev_test: every chapter notebook"
+echo "== notebooks: every chapter notebook, run as nbdev_test runs them (tools/run_nbs.py keeps executed copies in _build/nbs)"
 start=$(date +%s)
-nbdev_test --timing
-echo "nbdev_test took $(( $(date +%s) - start )) s"
+python tools/run_nbs.py --timing
+echo "notebooks took $(( $(date +%s) - start )) s"
+
+echo "== docs site: make docs (Sphinx, from nbdev's processing of the executed copies) -> _build/site"
+start=$(date +%s)
+python tools/build_docs.py
+echo "docs site took $(( $(date +%s) - start )) s"
 
 if [ -n "${DLCODERS_CI_START:-}" ]; then echo "CI so far: $(( $(date +%s) - DLCODERS_CI_START )) s"; fi
 echo "== pytest"
