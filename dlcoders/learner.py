@@ -4,9 +4,10 @@
 
 # %% ../nbs/19_learner.ipynb #83ce8781
 from __future__ import annotations
-import contextlib, io, pickle, time, warnings
+import contextlib, io, os, pickle, time, warnings
 from pathlib import Path
 import torch
+import torch.distributed as dist
 from torch import nn, Tensor
 import cloudpickle
 from fastcore.meta import delegates
@@ -20,7 +21,8 @@ from .optimizer import Adam, Optimizer
 from .metrics import Metric, AvgMetric, AvgLoss, AvgSmoothLoss
 
 # %% auto #0
-__all__ = ['Learner', 'TrainEvalCallback', 'Recorder', 'GatherPredsCallback', 'concat_batches', 'SafeUnpickler', 'load_learner']
+__all__ = ['Learner', 'TrainEvalCallback', 'Recorder', 'GatherPredsCallback', 'concat_batches', 'SafeUnpickler', 'rank_distrib',
+           'num_distrib', 'load_learner']
 
 # %% ../nbs/19_learner.ipynb #41fb6ccd
 def _split_batch(b, n_inp:int):
@@ -569,6 +571,16 @@ class SafeUnpickler(pickle.Unpickler):
 _DTYPES = {n for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype)}
 
 # %% ../nbs/19_learner.ipynb #a506a967
+def rank_distrib() -> int:
+    "This process's rank among those a launcher such as `torchrun` started (0 when alone)."
+    if dist.is_available() and dist.is_initialized(): return dist.get_rank()
+    return int(os.environ.get('RANK', 0))
+
+def num_distrib() -> int:
+    "How many processes train together (1 when alone)."
+    if dist.is_available() and dist.is_initialized(): return dist.get_world_size()
+    return int(os.environ.get('WORLD_SIZE', 1))
+
 def _model_state(model): return (model.module if hasattr(model, 'module') else model).state_dict()
 
 @patch
@@ -576,6 +588,7 @@ def save(self:Learner, name:str, # file name, without `.pth`
          with_opt:bool=True): # save the optimizer state too
     "Save model weights (and optimizer state) to `path/model_dir/name.pth`; return the file."
     file = self.path/self.model_dir/f'{name}.pth'
+    if rank_distrib() > 0: return file  # the other processes hold the same weights: rank 0 writes them
     file.parent.mkdir(parents=True, exist_ok=True)
     state = {'model': _model_state(self.model)}
     if with_opt and self.opt is not None: state['opt'] = self.opt.state_dict()
@@ -589,6 +602,7 @@ def load(self:Learner, name:str, # file name, without `.pth`
          device=None): # where to load (default: the data's device)
     "Load weights (and optimizer state) saved by `save`."
     file = self.path/self.model_dir/f'{name}.pth'
+    if dist.is_available() and dist.is_initialized(): dist.barrier()  # rank 0 may still be writing the file
     if not file.exists(): raise FileNotFoundError(f"Learner.load: no saved model at {file}")
     state = torch.load(file, map_location=device or self.dls.device, weights_only=True)
     if 'model' not in state: state = {'model': state}  # a bare state dict
@@ -603,6 +617,7 @@ def export(self:Learner, fname:str|Path='export.pkl', # file name, relative to `
            with_opt:bool=False): # keep the optimizer and its state
     "Pickle the learner without its data, for `load_learner`."
     file = self.path/fname
+    if rank_distrib() > 0: return file
     file.parent.mkdir(parents=True, exist_ok=True)
     dls, opt = self.dls, self.opt
     self._end_cleanup()
@@ -704,3 +719,4 @@ def show_results(self:Learner, ds_idx:int=1, dl=None, max_n:int=9, **kwargs):
 
 # %% ../nbs/19_learner.ipynb #aed8c08b
 from .callback import schedule as _schedule, training as _training  # they add methods to `Learner`
+from . import tta as _tta, model_card as _model_card  # `learn.tta()`, `learn.model_card()`

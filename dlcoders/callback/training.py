@@ -17,8 +17,8 @@ from ..torch_core import to_detach, apply, find_bs
 
 # %% auto #0
 __all__ = ['TrackerCallback', 'SaveModelCallback', 'PlateauCallback', 'EarlyStoppingCallback', 'ReduceLROnPlateau',
-           'TerminateOnNaNCallback', 'GradientAccumulation', 'GradientClip', 'MixedPrecision', 'ModelResetter',
-           'set_bn_eval', 'BnFreeze', 'CollectDataCallback', 'FetchPredsCallback']
+           'TerminateOnNaNCallback', 'GradientAccumulation', 'GradientClip', 'MixedPrecision', 'ChannelsLast',
+           'ModelResetter', 'set_bn_eval', 'BnFreeze', 'CollectDataCallback', 'FetchPredsCallback']
 
 # %% ../../nbs/16b_training_callbacks.ipynb #836cc82b
 class TrackerCallback(Callback):
@@ -292,6 +292,54 @@ def to_bf16(self:Learner):
 def to_fp32(self:Learner):
     "Train in full precision again."
     return self.remove_cb(MixedPrecision)
+
+# %% ../../nbs/16b_training_callbacks.ipynb #c1a5e7d2
+class ChannelsLast(Callback):
+    "Give the model its 4-d inputs in channels-last memory order, the layout GPU convolutions in half precision prefer."
+    order = 5 # before `MixedPrecision`: the conversion is a plain copy
+    def before_fit(self): self.learn.model.to(memory_format=torch.channels_last)
+    def before_validate(self): self.learn.model.to(memory_format=torch.channels_last)  # also for `get_preds`
+    def before_batch(self):
+        self.learn.xb = tuple(x.contiguous(memory_format=torch.channels_last) if isinstance(x, torch.Tensor) and x.dim() == 4
+                              else x for x in self.xb)
+
+@patch
+def to_channels_last(self:Learner):
+    "Train (and predict) with channels-last weights and inputs."
+    self.remove_cb(ChannelsLast)
+    return self.add_cb(ChannelsLast())
+
+@patch
+def to_contiguous(self:Learner):
+    "Back to the default memory order."
+    self.remove_cb(ChannelsLast)
+    self.model.to(memory_format=torch.contiguous_format)
+    return self
+
+# %% ../../nbs/16b_training_callbacks.ipynb #c1a5e7d7
+@patch
+def compile(self:Learner, check:bool=True, # compile now, on one validation batch, and fall back to eager if that fails
+            **kwargs): # passed on to `torch.compile` (`mode`, `backend`, `dynamic`...)
+    "Compile the model in place with `torch.compile`; where that fails, warn and keep it eager."
+    try: self.model.compile(**kwargs)  # in place: the weights and their names do not change
+    except Exception as e: return self._compile_failed(e)
+    if not check: return self
+    xb = self.dls.valid.one_batch()
+    xb = (xb,) if isinstance(xb, torch.Tensor) else tuple(xb)[:getattr(self.dls, 'n_inp', 1)]
+    was_training = self.model.training
+    self.model.eval()
+    try:
+        with torch.no_grad(): self.model(*xb)
+    except Exception as e: return self._compile_failed(e)
+    finally: self.model.train(was_training)
+    return self
+
+@patch
+def _compile_failed(self:Learner, e:Exception):
+    self.model._compiled_call_impl = None  # what `nn.Module.compile` set: calls go to the eager forward again
+    warnings.warn(f"learn.compile(): torch.compile could not compile {type(self.model).__name__} "
+                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); training goes on without it, eagerly")
+    return self
 
 # %% ../../nbs/16b_training_callbacks.ipynb #a3711169
 class ModelResetter(Callback):

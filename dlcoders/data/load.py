@@ -117,7 +117,7 @@ class DataLoader:
                  shuffle:bool=False, # reshuffle the order at every epoch
                  drop_last:bool=False, # drop the last incomplete batch
                  num_workers:int|None=None, # worker processes (default: 0 for tensors, up to 4 otherwise)
-                 pin_memory:bool=False, # use pinned memory for faster copies to the GPU
+                 pin_memory:bool|None=None, # stage batches in pinned memory (default: when the loader feeds a GPU)
                  device:torch.device|str|None=None, # where batches go (default: `default_device()`)
                  after_item=None, # function applied to each item
                  before_batch=None, # function applied to the list of items before collation
@@ -130,12 +130,17 @@ class DataLoader:
         self.dataset = dataset if items is None else items
         self.bs, self.shuffle, self.drop_last = batch_size_arg(bs, batch_size), shuffle, drop_last
         self.num_workers = (0 if items is not None else _default_workers()) if num_workers is None else num_workers
-        self.pin_memory, self.after_item, self.before_batch, self.after_batch = pin_memory, after_item, before_batch, after_batch
+        self._pin, self.after_item, self.before_batch, self.after_batch = pin_memory, after_item, before_batch, after_batch
         self.device = default_device() if device is None else torch.device(device)
         self.collate_fn = collate_fn or default_collate
         self.persistent_workers = self.num_workers > 0 if persistent_workers is None else persistent_workers
         self.kwargs = kwargs
         self._loader, self._buffers = None, BatchBuffers()  # memory for big batches on the CPU (see above)
+
+    @property
+    def pin_memory(self) -> bool:
+        "Whether batches are staged in pinned memory, so that their copy to the GPU can overlap the computation."
+        return self.device.type == 'cuda' if self._pin is None else self._pin and self.device.type == 'cuda'
 
     @property
     def n(self) -> int:
@@ -163,7 +168,8 @@ class DataLoader:
         if not (isinstance(self.dataset, TensorItems) and self.num_workers == 0 and self.after_item is None
                 and self.before_batch is None and not self.kwargs): return None
         sampler = _BatchIndices(len(self.dataset), self.bs, self.shuffle, self.drop_last)
-        return map(self.dataset.__getitems__, sampler)
+        batches = map(self.dataset.__getitems__, sampler)
+        return map(_pinned, batches) if self.pin_memory else batches
 
     def __iter__(self):
         batches = self._direct_batches()
@@ -184,7 +190,7 @@ class DataLoader:
     def new(self, dataset=None, **kwargs):
         "A copy of this `DataLoader`, with `dataset` and the arguments in `kwargs` replaced."
         args = dict(bs=self.bs, shuffle=self.shuffle, drop_last=self.drop_last, num_workers=self.num_workers,
-                    pin_memory=self.pin_memory, device=self.device, after_item=self.after_item,
+                    pin_memory=self._pin, device=self.device, after_item=self.after_item,
                     before_batch=self.before_batch, after_batch=self.after_batch, collate_fn=self.collate_fn,
                     persistent_workers=self.persistent_workers, **self.kwargs)
         return type(self)(self.dataset if dataset is None else dataset, **{**args, **kwargs})
@@ -202,6 +208,10 @@ def _empty_like(ds):
     if isinstance(ds, TensorItems): return TensorItems(*(t[:0] for t in ds.tensors))
     if hasattr(ds, 'new_empty'): return ds.new_empty()
     return []
+
+def _pinned(b):
+    "The batch in page-locked memory (from PyTorch's cache of such blocks): its copy to the GPU need not wait."
+    return apply(lambda t: t.pin_memory() if t.device.type == 'cpu' else t, b)
 
 class _MappedItems:
     "A dataset whose items pass through `f` (picklable, for worker processes)."
