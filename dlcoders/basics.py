@@ -29,6 +29,9 @@ from .callback.progress import *
 from .callback.schedule import *
 from .callback.training import *
 from .callback.hook import *
+from .callback.mixup import *
+from .tta import *
+from .model_card import *
 from .losses import *
 from .metrics import *
 

@@ -11,6 +11,9 @@ from .core import *
 from .augment import *
 from .data import *
 from .learner import *
+from .models.xresnet import *
+from .models.unet import *
+from .cam import *
 from ..data.block import *
 from ..layers import *
 from ..interpret import *
