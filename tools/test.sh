@@ -56,7 +56,7 @@ echo "notebooks took $(( $(date +%s) - start )) s"
 
 echo "== docs site: make docs (Sphinx, from nbdev's processing of the executed copies) -> _build/site"
 start=$(date +%s)
-python tools/build_docs.py
+python tools/build_docs.py --strict  # fails when nbdev's own docs processing fails on a notebook, as nbdev_docs would
 echo "docs site took $(( $(date +%s) - start )) s"
 
 if [ -n "${DLCODERS_CI_START:-}" ]; then echo "CI so far: $(( $(date +%s) - DLCODERS_CI_START )) s"; fi
