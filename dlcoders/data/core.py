@@ -798,7 +798,7 @@ class TfmdDL(DataLoader):
     def new(self, dataset=None, **kwargs):
         "A loader like this one (same transforms, already set up) over `dataset`, with `kwargs` changed."
         args = dict(bs=self.bs, shuffle=self.shuffle, drop_last=self.drop_last, num_workers=self.num_workers,
-                    pin_memory=self.pin_memory, device=self.device, collate_fn=self._collate,
+                    pin_memory=self._pin, device=self.device, collate_fn=self._collate,
                     persistent_workers=self.persistent_workers, after_item=self.after_item.fs,
                     before_batch=self.before_batch.fs, after_batch=self.after_batch.fs, do_setup=False, **self.kwargs)
         if dataset is not None and len(dataset) == 0 and not self._types_known and len(self.dataset):

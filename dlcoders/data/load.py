@@ -153,7 +153,7 @@ class DataLoader:
         "The `torch.utils.data.DataLoader` doing the work: one gather per batch for tensors, per-item otherwise."
         plain = self.after_item is None and self.before_batch is None
         items = self.dataset if plain and isinstance(self.dataset, TensorItems) else None
-        common = dict(num_workers=self.num_workers, pin_memory=self.pin_memory and self.device.type == 'cuda',
+        common = dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
                       persistent_workers=self.persistent_workers and self.num_workers > 0, **self.kwargs)
         if items is not None:
             sampler = _BatchIndices(len(items), self.bs, self.shuffle, self.drop_last)
