@@ -56,6 +56,21 @@ def test_02_ch12_from_dsets_explicit_shuffle_and_drop_last():
     assert dls.train.shuffle and dls.train.drop_last and not dls.valid.shuffle and not dls.valid.drop_last
 
 
+def test_02_datasets_dataloaders_take_fastais_shuffle_and_drop_last(mnist_tiny):
+    "`Datasets.dataloaders(shuffle=False)` and `DataBlock.dataloaders(..., shuffle=False)` as fastai spells them."
+    dblock = DataBlock(blocks=(ImageBlock(cls=PILImageBW), CategoryBlock), get_items=get_image_files,
+                       splitter=GrandparentSplitter(), get_y=parent_label)
+    dls = dblock.dataloaders(mnist_tiny, bs=64, num_workers=0, shuffle=False)
+    assert not dls.train.shuffle and not dls.train.drop_last and not dls.valid.shuffle
+    assert [len(b[0]) for b in dls.train][-1] == len(dls.train_ds) % 64  # the short last batch is kept
+    dls = dblock.datasets(mnist_tiny).dataloaders(bs=64, num_workers=0, shuffle=False, drop_last=True)
+    assert not dls.train.shuffle and dls.train.drop_last
+    dls = dblock.dataloaders(mnist_tiny, bs=64, num_workers=0)
+    assert dls.train.shuffle and dls.train.drop_last and not dls.valid.shuffle and not dls.valid.drop_last
+    dls = dblock.dataloaders(mnist_tiny, bs=64, num_workers=0, shuffle_train=False)  # the older name still works
+    assert not dls.train.shuffle
+
+
 # 3 -------------------------------------------------------------------------------------------------------
 def test_03_ch4_ch11_fastcore_L(mnist_tiny):
     files = get_image_files(mnist_tiny)

@@ -275,7 +275,9 @@ class _Subsets:
         return self.subset(1)
 
     def dataloaders(self, bs:int=64, # batch size
-                    shuffle_train:bool=True, # shuffle the training set (and drop its last incomplete batch)
+                    shuffle:bool=True, # shuffle the training set (the other subsets keep their order)
+                    drop_last:bool|None=None, # drop the training set's last incomplete batch (default: `shuffle`)
+                    shuffle_train:bool|None=None, # older name of `shuffle`
                     val_bs:int|None=None, # validation batch size (default: `bs`)
                     after_item=None, # transforms applied to each item (e.g. resizing)
                     before_batch=None, # transforms applied to the list of items of a batch
@@ -287,7 +289,9 @@ class _Subsets:
                     **kwargs): # passed to `dl_type`
         "`TfmdDataLoaders` over the subsets: the training loader first, then the validation one."
         dl_type = dl_type or getattr(self, 'dl_type', None) or TfmdDL
-        train = dl_type(self.subset(0), bs=bs, shuffle=shuffle_train, drop_last=shuffle_train, after_item=after_item,
+        if shuffle_train is not None: shuffle = shuffle_train
+        if drop_last is None: drop_last = shuffle
+        train = dl_type(self.subset(0), bs=bs, shuffle=shuffle, drop_last=drop_last, after_item=after_item,
                         before_batch=before_batch, after_batch=after_batch, device=device, num_workers=num_workers,
                         **kwargs)
         others = [train.new(self.subset(i), bs=val_bs or bs, shuffle=False, drop_last=False)
