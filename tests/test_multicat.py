@@ -128,3 +128,24 @@ def test_multilabel_loss_and_metric():
     assert accuracy_multi(x, y, thresh=0.5) == ((x > 0) == y.bool()).float().mean()
     assert accuracy_multi(torch.full((4, 3), -10.), torch.zeros(4, 3)) == 1.
     with pytest.raises(Exception): accuracy_multi(x, y[:, :4])
+
+
+def test_non_finite_point_or_box_is_a_clear_error_naming_the_item(tmp_path):
+    "A NaN target (say, from a mask that marks nothing) fails when the item is read, naming the file and the value."
+    files = []
+    for i in range(4):
+        f = tmp_path/f'img{i}.png'
+        PIL.Image.fromarray(np.full((8, 10, 3), 40 * i, dtype=np.uint8)).save(f)
+        files.append(f)
+    centres = {f.name: (float('nan'), float('nan')) if f.name == 'img2.png' else (3., 4.) for f in files}
+    dsets = DataBlock(blocks=(ImageBlock, PointBlock), get_y=lambda f: [centres[f.name]],
+                      splitter=lambda items: (list(range(len(items))), [])).datasets(files)
+    assert dsets.train[0][1].tolist() == [[3., 4.]]
+    with pytest.raises(ValueError, match='finite') as ei:
+        dsets.train[2]
+    assert 'img2.png' in ' '.join(getattr(ei.value, '__notes__', [])) or not hasattr(ei.value, 'add_note')
+    assert 'nan' in str(ei.value)
+    boxes = DataBlock(blocks=(ImageBlock, BBoxBlock), get_y=lambda f: [[0., 0., float('inf'), 2.]],
+                      splitter=lambda items: (list(range(len(items))), []))
+    with pytest.raises(Exception, match=r'(?s)items\[0\].*img0\.png.*BBoxBlock.*finite'):
+        boxes.datasets(files)  # the block's check of the first item already reports it, with the item

@@ -357,9 +357,13 @@ class TfmdLists(_Subsets):
     def _target_tfms(self) -> Pipeline: return self.tfms
 
     def __getitem__(self, idx):
-        if _is_int(idx): return self.tfms(self.items[idx], split_idx=self.split_idx)
-        if isinstance(idx, slice): idx = range(len(self.items))[idx]
-        return [self.tfms(self.items[int(i)], split_idx=self.split_idx) for i in idx]
+        if not _is_int(idx):
+            if isinstance(idx, slice): idx = range(len(self.items))[idx]
+            return [self[int(i)] for i in idx]
+        try: return self.tfms(self.items[idx], split_idx=self.split_idx)
+        except Exception as e:  # say which item failed: the traceback alone shows only the transform
+            if hasattr(e, 'add_note'): e.add_note(f"while transforming item {idx} of {len(self.items)}: {self.items[idx]!r}")
+            raise
 
     def __len__(self): return len(self.items)
     def __iter__(self): return (self[i] for i in range(len(self)))

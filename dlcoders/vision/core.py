@@ -184,14 +184,22 @@ def show_images(ims, # images (Pillow images or image tensors)
     return axs
 
 # %% ../../nbs/05c_vision_core.ipynb #164f2ef6
+def _finite_coords(o, n:int, what:str) -> Tensor:
+    "`o` as a float tensor of rows of `n` pixel coordinates, or a clear error when one of them is NaN or infinite."
+    t = torch.as_tensor(np.asarray(o, dtype=np.float32)).reshape(-1, n)
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{what}: every coordinate must be a finite number of pixels, got {t.tolist()}. A NaN usually "
+                         f"means the annotation marks nothing (an empty mask, a missing box): leave such items out "
+                         f"of the data, or give them a real target.")
+    return t
+
 def create_points(o) -> tv_tensors.KeyPoints:
     "Points (anything with pairs of x, y pixel coordinates) as `tv_tensors.KeyPoints` whose canvas is set later."
-    return tv_tensors.KeyPoints(torch.as_tensor(np.asarray(o, dtype=np.float32)).reshape(-1, 2), canvas_size=(0, 0))
+    return tv_tensors.KeyPoints(_finite_coords(o, 2, 'PointBlock'), canvas_size=(0, 0))
 
 def create_bboxes(o) -> tv_tensors.BoundingBoxes:
     "Boxes (x0, y0, x1, y1 pixel coordinates) as `tv_tensors.BoundingBoxes` whose canvas is set later."
-    t = torch.as_tensor(np.asarray(o, dtype=np.float32)).reshape(-1, 4)
-    return tv_tensors.BoundingBoxes(t, format='XYXY', canvas_size=(0, 0))
+    return tv_tensors.BoundingBoxes(_finite_coords(o, 4, 'BBoxBlock'), format='XYXY', canvas_size=(0, 0))
 
 def _image_hw(o) -> tuple|None:
     "(rows, columns) of `o` when it is an image or a mask, else None."
