@@ -52,7 +52,7 @@ def replace_wrep(t:str) -> str:
 _re_spec = re.compile(r'([/#\\])')
 
 def spec_add_spaces(t:str) -> str:
-    "Spaces around `/`, `#` and `\\`, so that they become tokens of their own."
+    "Spaces around slashes, `#` and backslashes, so that they become tokens of their own."
     return _re_spec.sub(r' \1 ', t)
 
 _re_space = re.compile(' {2,}')
