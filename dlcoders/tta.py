@@ -10,7 +10,7 @@ from fastcore.basics import patch
 from .learner import Learner
 
 # %% auto #0
-__all__ = ['augmenting_dl']
+__all__ = ['augmenting_dl', 'with_tfms']
 
 # %% ../nbs/07b_tta.ipynb #3103bc74
 def augmenting_dl(dl, # a `DataLoader` (usually the validation one)
@@ -23,16 +23,32 @@ def augmenting_dl(dl, # a `DataLoader` (usually the validation one)
     return res
 
 # %% ../nbs/07b_tta.ipynb #fffa7494
+def with_tfms(dl, item_tfms=None, batch_tfms=None):
+    "A copy of `dl` whose item / batch transforms are the ones given (None: keep), plus the conversions it had."
+    from dlcoders.data.core import ToTensor
+    from dlcoders.vision.core import IntToFloatTensor
+    new = {}
+    for name, tfms in (('after_item', item_tfms), ('after_batch', batch_tfms)):
+        if tfms is None: continue
+        tfms = list(tfms) if isinstance(tfms, (list, tuple)) else [tfms]
+        old = getattr(getattr(dl, name, None), 'fs', [])
+        kept = [t for t in old if isinstance(t, (ToTensor, IntToFloatTensor)) and not any(type(u) is type(t) for u in tfms)]
+        new[name] = kept + tfms
+    return dl.new(**new) if new else dl
+
 @patch
 def tta(self:Learner, ds_idx:int=1, # which of `dls` to predict on (0 train, 1 valid), when `dl` is None
         dl=None, # a `DataLoader` to predict on
         n:int=4, # number of augmented passes
+        item_tfms=None, # transforms to use instead of the loader's item transforms (for every pass)
+        batch_tfms=None, # transforms to use instead of the loader's batch transforms (for every pass)
         beta:float|None=0.25, # share of the plain prediction in the result; None: return both
         use_max:bool=False): # keep the largest probability over all passes instead of averaging
     "Predictions averaged over `n` augmented passes and blended with the plain one, and the targets (like `get_preds`)."
     if not (isinstance(n, int) and n >= 1): raise ValueError(f"tta: n is the number of augmented passes, at least 1; got {n!r}")
     if beta is not None and not 0 <= beta <= 1: raise ValueError(f"tta: beta must be between 0 and 1 (or None), got {beta!r}")
     dl = self.dls[ds_idx] if dl is None else dl
+    dl = with_tfms(dl, item_tfms, batch_tfms)
     aug_dl = augmenting_dl(dl)
     aug = torch.stack([self.get_preds(dl=aug_dl)[0] for _ in range(n)])
     preds, targs = self.get_preds(dl=dl.new(shuffle=False, drop_last=False))

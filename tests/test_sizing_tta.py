@@ -135,3 +135,13 @@ def test_label_smoothing_matches_the_book():
     smooth = torch.full((20, 5), eps / 5)
     smooth[torch.arange(20), targ] += 1 - eps
     torch.testing.assert_close(LabelSmoothingCrossEntropy(eps)(out, targ), -(smooth * logp).sum(-1).mean())
+
+
+def test_tta_takes_fastais_arguments_in_fastais_order():
+    "fastai: tta(ds_idx=1, dl=None, n=4, item_tfms=None, batch_tfms=None, beta=0.25, use_max=False)."
+    import inspect
+    from dlcoders.learner import Learner
+    import dlcoders.tta  # noqa: F401  (patches Learner.tta)
+    ps = inspect.signature(Learner.tta).parameters
+    assert list(ps)[1:] == ['ds_idx', 'dl', 'n', 'item_tfms', 'batch_tfms', 'beta', 'use_max']
+    assert [ps[k].default for k in ('ds_idx', 'n', 'beta', 'use_max')] == [1, 4, 0.25, False]
