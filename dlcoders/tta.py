@@ -27,10 +27,11 @@ def with_tfms(dl, item_tfms=None, batch_tfms=None):
     "A copy of `dl` whose item / batch transforms are the ones given (None: keep), plus the conversions it had."
     from dlcoders.data.core import ToTensor
     from dlcoders.vision.core import IntToFloatTensor
+    from dlcoders.data.block import _as_list
     new = {}
     for name, tfms in (('after_item', item_tfms), ('after_batch', batch_tfms)):
         if tfms is None: continue
-        tfms = list(tfms) if isinstance(tfms, (list, tuple)) else [tfms]
+        tfms = _as_list(tfms)
         old = getattr(getattr(dl, name, None), 'fs', [])
         kept = [t for t in old if isinstance(t, (ToTensor, IntToFloatTensor)) and not any(type(u) is type(t) for u in tfms)]
         new[name] = kept + tfms

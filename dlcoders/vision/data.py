@@ -15,18 +15,14 @@ from fastcore.meta import delegates
 from ..data.external import get_image_files
 from ..data.core import TfmdDataLoaders
 from ..data.block import (DataBlock, CategoryBlock, MultiCategoryBlock, RandomSplitter, GrandparentSplitter,
-                                 ColSplitter, ColReader, MissingColumnError, RegexLabeller, parent_label, using_attr)
+                                 ColSplitter, ColReader, MissingColumnError, RegexLabeller, parent_label, using_attr,
+                                 _as_list)
 from .core import PILImage, PILMask, ImageBlock, MaskBlock
 
 # %% auto #0
 __all__ = ['ImageDataLoaders', 'SegmentationDataLoaders']
 
 # %% ../../nbs/05d_vision_data.ipynb #2eb075ed
-def _as_list(o) -> list:
-    if o is None: return []
-    if isinstance(o, (list, tuple)): return list(o)
-    return [o]
-
 def _splitter(valid_pct:float, seed:int|None, valid_col=None):
     "A `ColSplitter` when there is a validation column, else a `RandomSplitter`."
     return RandomSplitter(valid_pct, seed=seed) if valid_col is None else ColSplitter(valid_col)
